@@ -1,0 +1,55 @@
+"""Atomic file replacement and whole writes, pure-Python twin of `_atomic_c`.
+
+A reader sees the old file or the new one, never a torn one: tmp file in the same directory,
+write, fsync (when durable), rename, fsync of the directory.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+__all__ = ["atomic_write", "write_all", "fsync_dir"]
+
+_counter = itertools.count()
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of data to fd (os.write may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def fsync_dir(dirname: str) -> None:
+    """fsync a directory so a rename or create in it survives a power cut."""
+    fd = os.open(dirname or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) -> None:
+    """Replace path with data atomically; the file is created with mode (default 0600)."""
+    dirname, base = os.path.split(os.fspath(path))
+    tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_counter)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        try:
+            if os.fstat(fd).st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)  # the umask may have cleared bits we asked for
+            write_all(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    if fsync:
+        fsync_dir(dirname)

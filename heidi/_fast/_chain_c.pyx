@@ -1,0 +1,222 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Journal lines, compiled twin of `_chain_py`: build a v1.0 line, hash it, check lines strictly.
+
+The verify loop splits the buffer with memchr and checks fields with C-level type tests;
+JSON parsing is orjson's and hashing hashlib's (OpenSSL), as in the twin.
+"""
+import hashlib
+import re
+
+import orjson
+
+from libc.string cimport memchr
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
+from cpython.dict cimport PyDict_Size
+
+__all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
+           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
+           "check_event", "parse_line", "check_line", "verify_stream"]
+HIDDEN_IMPORTS = ("hashlib", "re", "orjson")
+
+KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
+        "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
+EVENT_VERSION = "1.0"
+LEVELS = frozenset(("info", "warn", "error", "success", "critical"))
+MAX_LINE_BYTES = 1 << 20
+MAX_MESSAGE_CHARS = 500
+MAX_ERROR_CHARS = 200
+MAX_ARTIFACT_CHARS = 100
+DEF READ_CHUNK_BYTES = 1 << 20
+DEF C_MAX_LINE = 1 << 20
+
+cdef tuple _KEYS = KEYS
+cdef object _LEVELS = LEVELS
+cdef object _sha256 = hashlib.sha256
+cdef object _loads = orjson.loads
+cdef object _dumps = orjson.dumps
+cdef object _DecodeError = orjson.JSONDecodeError
+cdef object _TS_MATCH = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z").match
+cdef object _RUN_ID_MATCH = re.compile(r"[A-Za-z0-9._-]{1,128}\Z").match
+cdef object _HEX64_MATCH = re.compile(r"[0-9a-f]{64}\Z").match
+cdef object _NAME_MATCH = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z").match
+
+
+class JournalError(ValueError):
+    """A journal line that breaks the schema or the chain; str() is 'line N: reason'."""
+
+    def __init__(self, line_no, reason):
+        super().__init__(f"line {line_no}: {reason}")
+        self.line_no = line_no
+        self.reason = reason
+
+
+def line_hash(bytes line):
+    """Lowercase hex SHA-256 of a whole journal line, its newline included."""
+    return _sha256(line).hexdigest()
+
+
+def encode_event(str ts, str run_id, round_, str stage, str level, str event_type, str message,
+                 dict counters_delta, dict usage_delta, list artifact_paths, error, str prev_hash):
+    """The exact bytes of one journal line (compact JSON, UTF-8, trailing newline)."""
+    return _dumps({
+        "event_version": "1.0", "ts": ts, "run_id": run_id, "round": round_,
+        "stage": stage, "level": level, "event_type": event_type, "message": message,
+        "counters_delta": counters_delta, "usage_delta": usage_delta,
+        "artifact_paths": artifact_paths, "error": error, "prev_hash": prev_hash,
+    }) + b"\n"
+
+
+cdef inline bint _is_number(object value):
+    return type(value) is int or type(value) is float
+
+
+cdef str _check_event(object obj, str expected_prev, str run_id):
+    cdef dict d
+    if type(obj) is not dict:
+        return "not a JSON object"
+    d = <dict>obj
+    if PyDict_Size(d) != 13 or tuple(d) != _KEYS:
+        for key in d:
+            if key not in _KEYS:
+                return f"unknown key {key!r}"
+        for key in _KEYS:
+            if key not in d:
+                return f"missing key {key!r}"
+        return "keys out of order"
+    if d["event_version"] != "1.0":
+        return f"event_version {d['event_version']!r}, expected '1.0'"
+    ts = d["ts"]
+    if type(ts) is not str or _TS_MATCH(ts) is None:
+        return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
+    rid = d["run_id"]
+    if type(rid) is not str or _RUN_ID_MATCH(rid) is None:
+        return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
+    if run_id is not None and rid != run_id:
+        return f"run_id {rid!r} differs from the journal's run {run_id!r}"
+    rnd = d["round"]
+    if type(rnd) is not int or rnd < 0:
+        return "round is not a non-negative integer"
+    value = d["stage"]
+    if type(value) is not str or _NAME_MATCH(value) is None:
+        return "stage is not a name of 1-64 characters [A-Za-z0-9_.-]"
+    value = d["event_type"]
+    if type(value) is not str or _NAME_MATCH(value) is None:
+        return "event_type is not a name of 1-64 characters [A-Za-z0-9_.-]"
+    if d["level"] not in _LEVELS:
+        return "level is not one of info, warn, error, success, critical"
+    msg = d["message"]
+    if type(msg) is not str or len(<str>msg) > 500:
+        return "message is not a string of at most 500 characters"
+    for key in ("counters_delta", "usage_delta"):
+        delta = d[key]
+        if type(delta) is not dict:
+            return f"{key} is not an object"
+        for value in (<dict>delta).values():
+            if not _is_number(value):
+                return f"{key} has a value that is not a number"
+    paths = d["artifact_paths"]
+    if type(paths) is not list:
+        return "artifact_paths is not an array"
+    for path in <list>paths:
+        if type(path) is not str or len(<str>path) > 100:
+            return "artifact_paths has an entry that is not a string of at most 100 characters"
+    err = d["error"]
+    if err is not None and (type(err) is not str or len(<str>err) > 200):
+        return "error is not null or a string of at most 200 characters"
+    prev = d["prev_hash"]
+    if type(prev) is not str:
+        return "prev_hash is not a string"
+    if expected_prev is None:
+        if prev != rid:
+            return "first event's prev_hash is not its run_id (wrong genesis)"
+    elif prev != expected_prev:
+        if _HEX64_MATCH(prev) is None:
+            return "prev_hash is not a lowercase hex SHA-256"
+        return "prev_hash does not match the previous line (chain broken)"
+    return None
+
+
+def check_event(obj, expected_prev, run_id):
+    """Reason why a parsed line is not a valid v1.0 event, or None when it is."""
+    return _check_event(obj, expected_prev, run_id)
+
+
+cdef tuple _parse(bytes line):
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(line)
+    if size > C_MAX_LINE:
+        return None, f"line longer than {C_MAX_LINE} bytes"
+    if size == 0 or PyBytes_AS_STRING(line)[size - 1] != b'\n':
+        return None, "last line is cut off (no newline)"
+    try:
+        obj = _loads(line)
+    except _DecodeError as exc:
+        text = str(exc)
+        if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
+            return None, "invalid UTF-8"
+        if b"NaN" in line or b"Infinity" in line:
+            return None, "NaN/Infinity is not valid JSON"
+        return None, f"invalid JSON ({text})"
+    canon = <bytes>_dumps(obj)
+    if PyBytes_GET_SIZE(canon) != size - 1 or canon != line[:size - 1]:
+        return None, "not in canonical form (extra whitespace, other escaping or duplicate keys)"
+    return obj, None
+
+
+def parse_line(bytes line):
+    """(parsed object, None) or (None, reason) for one line including its newline."""
+    return _parse(line)
+
+
+def check_line(bytes line, expected_prev, run_id=None):
+    """Parse and check one line; raise ValueError(reason) when it is not a valid event."""
+    obj, reason = _parse(line)
+    if reason is None:
+        reason = _check_event(obj, expected_prev, run_id)
+    if reason is not None:
+        raise ValueError(reason)
+    return obj
+
+
+def verify_stream(stream, Py_ssize_t line_no=0, prev_hash=None, run_id=None):
+    """Check every line of a journal read from stream; return (events, head hash, run id).
+
+    Streams in chunks (the file is never loaded whole). Raises JournalError naming the first
+    bad line. line_no/prev_hash/run_id let a caller continue from a known position.
+    """
+    cdef bytes buf = b""
+    cdef bytes line
+    cdef str head = prev_hash
+    cdef str rid = run_id
+    cdef const char *base
+    cdef const char *nl
+    cdef Py_ssize_t size, start
+    while True:
+        chunk = stream.read(READ_CHUNK_BYTES)
+        if not chunk:
+            break
+        buf = buf + chunk if buf else bytes(chunk)
+        base = PyBytes_AS_STRING(buf)
+        size = PyBytes_GET_SIZE(buf)
+        start = 0
+        while start < size:
+            nl = <const char *>memchr(base + start, b'\n', size - start)
+            if nl == NULL:
+                break
+            line = PyBytes_FromStringAndSize(base + start, (nl - base) - start + 1)
+            line_no += 1
+            obj, reason = _parse(line)
+            if reason is None:
+                reason = _check_event(obj, head, rid)
+            if reason is not None:
+                raise JournalError(line_no, reason)
+            if rid is None:
+                rid = (<dict>obj)["run_id"]
+            head = _sha256(line).hexdigest()
+            start = (nl - base) + 1
+        buf = buf[start:]
+        if PyBytes_GET_SIZE(buf) > C_MAX_LINE:
+            raise JournalError(line_no + 1, f"line longer than {C_MAX_LINE} bytes")
+    if buf:
+        _, reason = _parse(buf)
+        raise JournalError(line_no + 1, reason or "last line is cut off (no newline)")
+    return line_no, head, rid

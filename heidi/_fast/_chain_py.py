@@ -1,0 +1,197 @@
+"""Journal lines, pure-Python twin: build a schema-v1.0 line, hash it, and check lines strictly.
+
+Same API as the compiled `_chain_c`; `heidi/_fast/chain.py` picks one.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import BinaryIO
+
+import orjson
+
+__all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
+           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
+           "check_event", "parse_line", "check_line", "verify_stream"]
+
+KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
+        "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
+EVENT_VERSION = "1.0"
+LEVELS = frozenset(("info", "warn", "error", "success", "critical"))
+MAX_LINE_BYTES = 1 << 20
+MAX_MESSAGE_CHARS = 500
+MAX_ERROR_CHARS = 200
+MAX_ARTIFACT_CHARS = 100
+READ_CHUNK_BYTES = 1 << 20
+
+_TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+_RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
+class JournalError(ValueError):
+    """A journal line that breaks the schema or the chain; str() is 'line N: reason'."""
+
+    def __init__(self, line_no: int, reason: str) -> None:
+        super().__init__(f"line {line_no}: {reason}")
+        self.line_no = line_no
+        self.reason = reason
+
+
+def line_hash(line: bytes) -> str:
+    """Lowercase hex SHA-256 of a whole journal line, its newline included."""
+    return hashlib.sha256(line).hexdigest()
+
+
+def encode_event(ts: str, run_id: str, round_: int, stage: str, level: str, event_type: str,
+                 message: str, counters_delta: dict, usage_delta: dict, artifact_paths: list,
+                 error: str | None, prev_hash: str) -> bytes:
+    """The exact bytes of one journal line (compact JSON, UTF-8, trailing newline)."""
+    return orjson.dumps({
+        "event_version": EVENT_VERSION, "ts": ts, "run_id": run_id, "round": round_,
+        "stage": stage, "level": level, "event_type": event_type, "message": message,
+        "counters_delta": counters_delta, "usage_delta": usage_delta,
+        "artifact_paths": artifact_paths, "error": error, "prev_hash": prev_hash,
+    }) + b"\n"
+
+
+def _is_number(value: object) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> str | None:
+    """Reason why a parsed line is not a valid v1.0 event, or None when it is.
+
+    expected_prev None means "first event": prev_hash must equal the event's own run_id.
+    run_id, when given, is the run every event must belong to.
+    """
+    if type(obj) is not dict:
+        return "not a JSON object"
+    keys = tuple(obj)
+    if keys != KEYS:
+        for key in keys:
+            if key not in KEYS:
+                return f"unknown key {key!r}"
+        for key in KEYS:
+            if key not in obj:
+                return f"missing key {key!r}"
+        return "keys out of order"
+    if obj["event_version"] != EVENT_VERSION:
+        return f"event_version {obj['event_version']!r}, expected '1.0'"
+    ts = obj["ts"]
+    if type(ts) is not str or not _TS_RE.match(ts):
+        return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
+    rid = obj["run_id"]
+    if type(rid) is not str or not _RUN_ID_RE.match(rid):
+        return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
+    if run_id is not None and rid != run_id:
+        return f"run_id {rid!r} differs from the journal's run {run_id!r}"
+    rnd = obj["round"]
+    if type(rnd) is not int or rnd < 0:
+        return "round is not a non-negative integer"
+    for key in ("stage", "event_type"):
+        value = obj[key]
+        if type(value) is not str or not _NAME_RE.match(value):
+            return f"{key} is not a name of 1-64 characters [A-Za-z0-9_.-]"
+    if obj["level"] not in LEVELS:
+        return "level is not one of info, warn, error, success, critical"
+    msg = obj["message"]
+    if type(msg) is not str or len(msg) > MAX_MESSAGE_CHARS:
+        return f"message is not a string of at most {MAX_MESSAGE_CHARS} characters"
+    for key in ("counters_delta", "usage_delta"):
+        delta = obj[key]
+        if type(delta) is not dict:
+            return f"{key} is not an object"
+        for value in delta.values():
+            if not _is_number(value):
+                return f"{key} has a value that is not a number"
+    paths = obj["artifact_paths"]
+    if type(paths) is not list:
+        return "artifact_paths is not an array"
+    for path in paths:
+        if type(path) is not str or len(path) > MAX_ARTIFACT_CHARS:
+            return f"artifact_paths has an entry that is not a string of at most {MAX_ARTIFACT_CHARS} characters"
+    err = obj["error"]
+    if err is not None and (type(err) is not str or len(err) > MAX_ERROR_CHARS):
+        return f"error is not null or a string of at most {MAX_ERROR_CHARS} characters"
+    prev = obj["prev_hash"]
+    if type(prev) is not str:
+        return "prev_hash is not a string"
+    if expected_prev is None:
+        if prev != rid:
+            return "first event's prev_hash is not its run_id (wrong genesis)"
+    elif prev != expected_prev:
+        if not _HEX64_RE.match(prev):
+            return "prev_hash is not a lowercase hex SHA-256"
+        return "prev_hash does not match the previous line (chain broken)"
+    return None
+
+
+def parse_line(line: bytes) -> tuple[object, str | None]:
+    """(parsed object, None) or (None, reason) for one line including its newline."""
+    if len(line) > MAX_LINE_BYTES:
+        return None, f"line longer than {MAX_LINE_BYTES} bytes"
+    if not line.endswith(b"\n"):
+        return None, "last line is cut off (no newline)"
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        text = str(exc)
+        if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
+            return None, "invalid UTF-8"
+        if b"NaN" in line or b"Infinity" in line:
+            return None, "NaN/Infinity is not valid JSON"
+        return None, f"invalid JSON ({text})"
+    if orjson.dumps(obj) != line[:-1]:
+        return None, "not in canonical form (extra whitespace, other escaping or duplicate keys)"
+    return obj, None
+
+
+def check_line(line: bytes, expected_prev: str | None, run_id: str | None = None) -> dict:
+    """Parse and check one line; raise ValueError(reason) when it is not a valid event."""
+    obj, reason = parse_line(line)
+    if reason is None:
+        reason = check_event(obj, expected_prev, run_id)
+    if reason is not None:
+        raise ValueError(reason)
+    return obj  # type: ignore[return-value]
+
+
+def verify_stream(stream: BinaryIO, line_no: int = 0, prev_hash: str | None = None,
+                  run_id: str | None = None) -> tuple[int, str | None, str | None]:
+    """Check every line of a journal read from stream; return (events, head hash, run id).
+
+    Streams in chunks (the file is never loaded whole). Raises JournalError naming the first
+    bad line. line_no/prev_hash/run_id let a caller continue from a known position.
+    """
+    buf = b""
+    head = prev_hash
+    while True:
+        chunk = stream.read(READ_CHUNK_BYTES)
+        if not chunk:
+            break
+        buf = buf + chunk if buf else chunk
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = buf[start:end + 1]
+            line_no += 1
+            obj, reason = parse_line(line)
+            if reason is None:
+                reason = check_event(obj, head, run_id)
+            if reason is not None:
+                raise JournalError(line_no, reason)
+            if run_id is None:
+                run_id = obj["run_id"]
+            head = hashlib.sha256(line).hexdigest()
+            start = end + 1
+        buf = buf[start:]
+        if len(buf) > MAX_LINE_BYTES:
+            raise JournalError(line_no + 1, f"line longer than {MAX_LINE_BYTES} bytes")
+    if buf:
+        _, reason = parse_line(buf)
+        raise JournalError(line_no + 1, reason or "last line is cut off (no newline)")
+    return line_no, head, run_id

@@ -1,0 +1,297 @@
+"""The `heidi` command line: parse, call heidi.core / heidi.machine, print, exit.
+
+Exit codes (design.md §9): 0 ok, 1 run failed / verification failed / action refused,
+2 bad usage or configuration, 75 another process holds the run.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+import orjson
+
+from . import core
+from ._version import __version__
+from .config import MODES, Config
+from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, HeidiError, RunLocked
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise _UsageExit(f"{self.prog}: {message}")
+
+
+class _UsageExit(Exception):
+    pass
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out-dir", metavar="DIR", help="the run's directory (default: $OUT_DIR or "
+                   "~/.local/heidi_engine)")
+    p.add_argument("--config", metavar="FILE", help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="heidi", description="Drive teacher -> validate -> test gate -> train -> "
+                     "eval loops, one journaled transition at a time.")
+    parser.add_argument("-V", "--version", action="version", version=f"heidi {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p)
+        return p
+
+    p = cmd("start", "start a new run (pipeline_start, round 1)")
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--json", action="store_true")
+    p = cmd("tick", "perform one transition (cron-safe: silent on success, 75 if the run is held)")
+    p.add_argument("--steps", type=int, default=1, metavar="N", help="up to N transitions (default 1)")
+    p = cmd("run", "start a run if none, then tick until IDLE or ERROR")
+    p.add_argument("--mode", choices=MODES)
+    p.add_argument("--json", action="store_true", help="print the final status as JSON")
+    p = cmd("status", "show the run's state (read without the lock)")
+    p.add_argument("--json", action="store_true")
+    for name, help_ in (("stop", "stop the run (ends a running stage)"),
+                        ("pause", "pause: ticks do nothing until resumed"),
+                        ("resume", "resume a paused run"),
+                        ("train-now", "collect mode: train on what was collected")):
+        p = cmd(name, help_)
+        p.add_argument("--json", action="store_true")
+    p = cmd("verify", "strictly check a journal: schema, chain and head")
+    p.add_argument("path", nargs="?", metavar="PATH", help="events.jsonl or a run directory")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("redact", help="copy FILE (or stdin) to stdout with secrets redacted")
+    p.add_argument("file", nargs="?", metavar="FILE")
+    p = sub.add_parser("version", help="print the version")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="also tell, per heidi/_fast module, compiled or pure-Python")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("init", help="write a runnable example pipeline (heidi.toml + scripts/) into DIR")
+    p.add_argument("dir", nargs="?", default=".", metavar="DIR")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+    return parser
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> Config:
+    overrides = {"OUT_DIR": getattr(args, "out_dir", None), **extra}
+    return Config.load(getattr(args, "config", None), overrides=overrides)
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def _status_line(view: dict[str, Any]) -> str:
+    if view.get("run_id") is None:
+        return f"no run in {view['out_dir']}"
+    line = (f"run {view['run_id']}: {view['status']}, state {view['state']}, "
+            f"round {view['round']}/{view['rounds']}, mode {view['mode']}")
+    if view.get("stage") and view["state"] not in ("IDLE",):
+        line += f", stage {view['stage']}"
+    if view.get("pending_requests"):
+        line += f", pending: {' '.join(view['pending_requests'])}"
+    if view.get("last_error") and view["state"] == "ERROR":
+        line += f"; error: {view['last_error']}"
+    return line
+
+
+def _failed_line(view: dict[str, Any]) -> str:
+    return f"run {view['run_id']} failed in {view.get('stage') or 'pipeline'}: {view.get('last_error')}"
+
+
+def _exit_for(view: dict[str, Any]) -> int:
+    return EXIT_FAILED if view.get("state") == "ERROR" else EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    view = core.start(_config(args), args.mode)
+    _print_json(view) if args.json else print(f"started {_status_line(view)}")
+    return EXIT_OK
+
+
+def cmd_tick(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise _UsageExit(f"heidi tick: --steps {args.steps}: must be 1 or more")
+    view = core.tick(_config(args), args.steps)
+    if view["state"] == "ERROR":
+        print(f"heidi: {_failed_line(view)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+class _Progress:
+    """One live line on a terminal; nothing when stdout is not a TTY."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stdout.isatty()
+        self.width = 0
+
+    def __call__(self, view: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        text = (f"[round {view['round']}/{view['rounds']}] {view['state']}"
+                + (f" ({view['stage']})" if view.get("stage") else "")
+                + (" paused" if view.get("paused") else ""))
+        sys.stdout.write("\r" + text.ljust(self.width))
+        sys.stdout.flush()
+        self.width = len(text)
+
+    def done(self) -> None:
+        if self.enabled and self.width:
+            sys.stdout.write("\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    progress = _Progress()
+    try:
+        view = core.run(cfg, args.mode, on_progress=progress)
+    finally:
+        progress.done()
+    if args.json:
+        _print_json(view)
+    elif view["state"] == "ERROR":
+        print(f"heidi: {_failed_line(view)}", file=sys.stderr)
+    elif sys.stdout.isatty():
+        print(_status_line(view))
+    return _exit_for(view)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    view = core.status(_config(args))
+    _print_json(view) if args.json else print(_status_line(view))
+    return _exit_for(view)
+
+
+def cmd_action(args: argparse.Namespace) -> int:
+    action = args.command.replace("-", "_")
+    how, view = core.control_action(_config(args), action)
+    if args.json:
+        _print_json({"action": action, "result": how, **view})
+    elif how == "queued":
+        holder = view.get("holder_pid")
+        print(f"{args.command} requested; the process holding the run"
+              f"{f' (pid {holder})' if holder and holder > 0 else ''} applies it at its next step")
+    else:
+        print(f"{core.ACTION_DONE[action]}: {_status_line(view)}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .machine import verify_run
+    cfg = None
+    path = args.path
+    if path is None:
+        cfg = _config(args)
+        path = cfg.journal_path
+    elif os.path.isdir(path):
+        path = os.path.join(path, "events.jsonl")
+    if not os.path.isfile(path):
+        raise _UsageExit(f"heidi verify: {path}: no such journal")
+    from .journal import JournalError
+    try:
+        count, head, run_id = verify_run(cfg or Config(), path)
+    except JournalError as exc:
+        if args.json:
+            _print_json({"ok": False, "line": exc.line_no, "reason": exc.reason, "path": path})
+        else:
+            print(f"line {exc.line_no}: {exc.reason}")
+        return EXIT_FAILED
+    if args.json:
+        _print_json({"ok": True, "events": count, "head": head, "run_id": run_id, "path": path})
+    else:
+        print(f"OK: {count} events, head {(head or '')[:12]}")
+    return EXIT_OK
+
+
+def cmd_redact(args: argparse.Namespace) -> int:
+    from ._fast.redact import default_redactor
+    redactor = default_redactor()
+    if args.file is None or args.file == "-":
+        src = sys.stdin
+    else:
+        try:
+            src = open(args.file, encoding="utf-8", errors="replace", newline="")
+        except OSError as exc:
+            raise _UsageExit(f"heidi redact: {args.file}: {exc.strerror}") from None
+    out = sys.stdout
+    try:
+        for line in redactor.redact_lines(src):
+            out.write(line)
+        out.flush()
+    finally:
+        if src is not sys.stdin:
+            src.close()
+    return EXIT_OK
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from ._fast import implementations
+    info = {"version": __version__, "python": sys.version.split()[0],
+            "frozen": bool(getattr(sys, "frozen", False))}
+    if args.verbose or args.json:
+        info["modules"] = implementations()
+    if args.json:
+        _print_json(info)
+        return EXIT_OK
+    print(f"heidi {__version__}")
+    if args.verbose:
+        print(f"python {info['python']}{' (frozen)' if info['frozen'] else ''}")
+        for name, kind in info["modules"].items():
+            print(f"heidi._fast.{name}: {kind}")
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .example import write_example
+    written = write_example(args.dir, force=args.force)
+    print(f"wrote {len(written)} files into {os.path.abspath(args.dir)}; "
+          f"run it with: cd {args.dir} && heidi run")
+    return EXIT_OK
+
+
+COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_status,
+            "stop": cmd_action, "pause": cmd_action, "resume": cmd_action, "train-now": cmd_action,
+            "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return COMMANDS[args.command](args)
+    except _UsageExit as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except RunLocked as exc:
+        # cron-friendly: a tick that finds the run held is silent (design.md §9)
+        if getattr(args, "command", None) != "tick":
+            print(f"heidi: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except HeidiError as exc:
+        print(f"heidi: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("heidi: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_FAILED
+    except OSError as exc:
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"heidi:{where}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""Settings of a run: environment variables over an optional heidi.toml over defaults.
+
+Every value is checked at start-up; a bad one raises ConfigError with one line naming the
+variable, the value and what is allowed (the CLI turns it into exit code 2).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+MODES = ("full", "collect")
+STAGES = ("generate", "validate", "test", "train", "eval")
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def parse(name: str, raw: Any) -> int:
+        try:
+            if isinstance(raw, bool) or isinstance(raw, float):
+                raise ValueError
+            value = int(str(raw).strip(), 10)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: must be an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{name}={raw!r}: must be an integer from {lo} to {hi}")
+        return value
+    return parse
+
+
+def _float(lo: float, hi: float, lo_open: bool = False) -> Callable[[str, Any], float]:
+    allowed = f"a number {'above' if lo_open else 'from'} {lo:g} {'and up to' if lo_open else 'to'} {hi:g}"
+
+    def parse(name: str, raw: Any) -> float:
+        try:
+            if isinstance(raw, bool):
+                raise ValueError
+            value = float(str(raw).strip())
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: must be {allowed}") from None
+        if not math.isfinite(value) or value < lo or value > hi or (lo_open and value == lo):
+            raise ConfigError(f"{name}={raw!r}: must be {allowed}")
+        return value
+    return parse
+
+
+def _bool(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r}: must be 1 or 0 (or true/false, yes/no, on/off)")
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(name: str, raw: Any) -> str:
+        value = str(raw).strip()
+        if value not in choices:
+            raise ConfigError(f"{name}={raw!r}: must be one of {', '.join(choices)}")
+        return value
+    return parse
+
+
+def _text(max_len: int = 4096) -> Callable[[str, Any], str]:
+    def parse(name: str, raw: Any) -> str:
+        if not isinstance(raw, str) or not raw.strip() or len(raw) > max_len or "\0" in raw:
+            raise ConfigError(f"{name}={raw!r}: must be a non-empty string of at most {max_len} characters")
+        return raw.strip()
+    return parse
+
+
+def _run_id(name: str, raw: Any) -> str | None:
+    value = str(raw)
+    if value == "":
+        return None
+    if not RUN_ID_RE.match(value) or value in (".", ".."):
+        raise ConfigError(f"{name}={raw!r}: must be 1-128 characters of A-Z a-z 0-9 . _ -")
+    return value
+
+
+def _path(name: str, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip() or "\0" in raw:
+        raise ConfigError(f"{name}={raw!r}: must be a directory path")
+    return os.path.abspath(os.path.expanduser(raw.strip()))
+
+
+def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    def wrapped(name: str, raw: Any) -> Any:
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None
+        return parse(name, raw)
+    return wrapped
+
+
+# name: (attribute, parser, default). Ranges are generous: they catch garbage, not ambition.
+SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any], Any]] = {
+    "RUN_ID": ("run_id", _run_id, None),
+    "OUT_DIR": ("out_dir", _path, "~/.local/heidi_engine"),
+    "HEIDI_REPO_ROOT": ("repo_root", _path, None),
+    "HEIDI_MODE": ("mode", _choice(*MODES), "full"),
+    "ROUNDS": ("rounds", _int(1, 1_000_000), 3),
+    "SAMPLES_PER_ROUND": ("samples_per_round", _int(1, 100_000_000), 50),
+    "VAL_RATIO": ("val_ratio", _float(0.0, 0.9), 0.1),
+    "RUN_UNIT_TESTS": ("run_unit_tests", _bool, False),
+    "HEIDI_MOCK_SUBPROCESSES": ("mock_subprocesses", _bool, False),
+    "MAX_WALL_TIME_MINUTES": ("max_wall_time_minutes", _float(0.0, 525_600.0, lo_open=True), 60.0),
+    "MAX_CPU_PCT": ("max_cpu_pct", _float(1.0, 100.0), 95.0),
+    "MAX_MEM_PCT": ("max_mem_pct", _float(1.0, 100.0), 90.0),
+    "BASE_MODEL": ("base_model", _text(), "microsoft/phi-2"),
+    "TEACHER_MODEL": ("teacher_model", _text(), "gpt-4o-mini"),
+    "SEQ_LEN": ("seq_len", _int(1, 10_485_760), 2048),
+    "BATCH_SIZE": ("batch_size", _int(1, 1_000_000), 1),
+    "GRAD_ACCUM": ("grad_accum", _int(1, 1_000_000), 8),
+    "TRAIN_STEPS": ("train_steps", _int(1, 1_000_000_000), 500),
+    "LORA_R": ("lora_r", _int(1, 65_536), 64),
+    "LORA_ALPHA": ("lora_alpha", _int(1, 1_000_000), 128),
+    "LR": ("lr", _float(0.0, 10.0, lo_open=True), 2e-4),
+    "SEED": ("seed", _int(0, 2**32 - 1), 42),
+    "HEIDI_PYTHON": ("python", _text(), "python3"),
+    "HEIDI_FSYNC": ("fsync", _bool, True),
+    "HEIDI_STAGE_TIMEOUT_S": ("stage_timeout_s", _optional(_float(0.0, 31_536_000.0, lo_open=True)), None),
+    "HEIDI_KILL_GRACE_S": ("kill_grace_s", _float(0.0, 3600.0), 5.0),
+    "HEIDI_MAX_FDS": ("max_fds", _optional(_int(16, 1 << 30)), None),
+    "HEIDI_MAX_CPU_S": ("max_cpu_s", _optional(_int(1, 1 << 40)), None),
+    "HEIDI_MAX_MEMORY_MB": ("max_memory_mb", _optional(_int(16, 1 << 40)), None),
+    "HEIDI_HOST": ("host", _text(255), "127.0.0.1"),
+    "HEIDI_PORT": ("port", _int(0, 65535), 8080),
+    "HEIDI_API_TOKEN": ("api_token", _optional(_text(4096)), None),
+}
+
+# Default stage timeouts fit ML work: training runs for hours, not minutes.
+DEFAULT_TIMEOUTS_S = {"generate": 4 * 3600.0, "validate": 3600.0, "test": 2 * 3600.0,
+                      "train": 48 * 3600.0, "eval": 4 * 3600.0}
+
+DEFAULT_COMMANDS = {
+    "generate": ["{python}", "{scripts_dir}/01_teacher_generate.py", "--samples", "{samples}",
+                 "--output", "{data_dir}/raw_round_{round}.jsonl", "--round", "{round}"],
+    "validate": ["{python}", "{scripts_dir}/02_validate_clean.py",
+                 "--input", "{data_dir}/raw_round_{round}.jsonl",
+                 "--output", "{data_dir}/clean_round_{round}.jsonl"],
+    "test": ["{python}", "{scripts_dir}/03_unit_test_gate.py",
+             "--input", "{data_dir}/clean_round_{round}.jsonl",
+             "--output", "{data_dir}/tested_round_{round}.jsonl"],
+    "train": ["{python}", "{scripts_dir}/04_train_qlora.py",
+              "--data", "{data_dir}/train_round_{round}.jsonl",
+              "--val-data", "{data_dir}/val_round_{round}.jsonl",
+              "--output", "{out_dir}/out_lora_round_{round}"],
+    "eval": ["{python}", "{scripts_dir}/05_eval.py",
+             "--adapter", "{out_dir}/out_lora_round_{round}/final",
+             "--data", "{data_dir}/val_round_{round}.jsonl",
+             "--output", "{eval_dir}/report_round_{round}.json"],
+}
+PLACEHOLDERS = ("python", "scripts_dir", "repo_root", "out_dir", "data_dir", "eval_dir", "logs_dir",
+                "round", "samples", "run_id", "seed", "base_model", "teacher_model")
+
+
+@dataclass
+class StageConfig:
+    """How one stage runs: an argv template, a timeout and extra environment."""
+
+    name: str
+    command: list[str]
+    timeout_s: float
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """All settings of a run, validated. Build it with Config.load()."""
+
+    run_id: str | None = None
+    out_dir: str = ""
+    repo_root: str = ""
+    mode: str = "full"
+    rounds: int = 3
+    samples_per_round: int = 50
+    val_ratio: float = 0.1
+    run_unit_tests: bool = False
+    mock_subprocesses: bool = False
+    max_wall_time_minutes: float = 60.0
+    max_cpu_pct: float = 95.0
+    max_mem_pct: float = 90.0
+    base_model: str = "microsoft/phi-2"
+    teacher_model: str = "gpt-4o-mini"
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 8
+    train_steps: int = 500
+    lora_r: int = 64
+    lora_alpha: int = 128
+    lr: float = 2e-4
+    seed: int = 42
+    python: str = "python3"
+    fsync: bool = True
+    stage_timeout_s: float | None = None
+    kill_grace_s: float = 5.0
+    max_fds: int | None = None
+    max_cpu_s: int | None = None
+    max_memory_mb: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_token: str | None = None
+    config_path: str | None = None
+    stages: dict[str, StageConfig] = field(default_factory=dict)
+    explicit: frozenset = frozenset()
+
+    @classmethod
+    def load(cls, config_path: str | None = None, environ: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None) -> "Config":
+        """Defaults, then heidi.toml (config_path, HEIDI_CONFIG or ./heidi.toml), then the
+        environment, then overrides (CLI flags, keyed by variable name)."""
+        env = os.environ if environ is None else environ
+        path = config_path or env.get("HEIDI_CONFIG") or None
+        if path is None and os.path.isfile("heidi.toml"):
+            path = "heidi.toml"
+        file_values: dict[str, Any] = {}
+        stage_tables: dict[str, Any] = {}
+        if path is not None:
+            file_values, stage_tables = _read_toml(path)
+        values: dict[str, Any] = {}
+        explicit = set()
+        for name, (attr, parse, default) in SETTINGS.items():
+            raw, source = default, None
+            if name in file_values:
+                raw, source = file_values[name], "file"
+            if name in env:
+                raw, source = env[name], "env"
+            if overrides and overrides.get(name) is not None:
+                raw, source = overrides[name], "flag"
+            if source is not None:
+                explicit.add(name)
+            values[attr] = parse(name, raw) if raw is not None else None
+        if values["repo_root"] is None:
+            base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+            values["repo_root"] = base
+        cfg = cls(**values, config_path=os.path.abspath(path) if path else None,
+                  explicit=frozenset(explicit))
+        cfg.stages = _stage_configs(stage_tables, cfg.stage_timeout_s)
+        return cfg
+
+    # Paths of the run, all under OUT_DIR (design.md §3).
+    @property
+    def journal_path(self) -> str:
+        return os.path.join(self.out_dir, "events.jsonl")
+
+    @property
+    def state_path(self) -> str:
+        return os.path.join(self.out_dir, "state.json")
+
+    @property
+    def lock_path(self) -> str:
+        return os.path.join(self.out_dir, "heidi.lock")
+
+    @property
+    def control_dir(self) -> str:
+        return os.path.join(self.out_dir, "control")
+
+    @property
+    def logs_dir(self) -> str:
+        return os.path.join(self.out_dir, "logs")
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.out_dir, "data")
+
+    @property
+    def eval_dir(self) -> str:
+        return os.path.join(self.out_dir, "eval")
+
+    @property
+    def scripts_dir(self) -> str:
+        return os.path.join(self.repo_root, "scripts")
+
+    def stage_env(self) -> dict[str, str]:
+        """The run's settings as environment variables for stage scripts."""
+        names = ("ROUNDS", "SAMPLES_PER_ROUND", "VAL_RATIO", "BASE_MODEL", "TEACHER_MODEL",
+                 "SEQ_LEN", "BATCH_SIZE", "GRAD_ACCUM", "TRAIN_STEPS", "LORA_R", "LORA_ALPHA",
+                 "LR", "SEED", "OUT_DIR", "HEIDI_REPO_ROOT")
+        result = {}
+        for name in names:
+            value = getattr(self, SETTINGS[name][0])
+            result[name] = str(int(value) if isinstance(value, bool) else value)
+        result["RUN_UNIT_TESTS"] = "1" if self.run_unit_tests else "0"
+        return result
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r}: not found") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path!r}: invalid TOML ({exc})") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r}: cannot read ({exc.strerror})") from None
+    values: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "stages":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config file {path!r}: [stages] must be a table")
+            stages = value
+            continue
+        name = key.upper()
+        if name not in SETTINGS:
+            raise ConfigError(f"config file {path!r}: unknown setting {key!r}")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}={value!r}: must be a single value")
+        values[name] = value
+    return values, stages
+
+
+def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None) -> dict[str, StageConfig]:
+    for name in tables:
+        if name not in STAGES:
+            raise ConfigError(f"[stages.{name}]: unknown stage; allowed: {', '.join(STAGES)}")
+    result = {}
+    for name in STAGES:
+        table = tables.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"[stages.{name}]: must be a table")
+        for key in table:
+            if key not in ("command", "timeout_s", "env"):
+                raise ConfigError(f"[stages.{name}] {key!r}: unknown key; allowed: command, timeout_s, env")
+        command = table.get("command", DEFAULT_COMMANDS[name])
+        if isinstance(command, str):
+            command = command.split()
+        if (not isinstance(command, list) or not command
+                or not all(isinstance(arg, str) for arg in command)):
+            raise ConfigError(f"[stages.{name}] command={command!r}: must be a non-empty list of strings")
+        for arg in command:
+            for ph in re.findall(r"\{([^{}]*)\}", arg):
+                if ph not in PLACEHOLDERS:
+                    raise ConfigError(f"[stages.{name}] command placeholder {{{ph}}}: unknown; "
+                                      f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")
+        timeout = table.get("timeout_s", DEFAULT_TIMEOUTS_S[name])
+        timeout = _float(0.0, 31_536_000.0, lo_open=True)(f"[stages.{name}] timeout_s", timeout)
+        if timeout_override is not None:
+            timeout = timeout_override
+        env = table.get("env", {})
+        if not isinstance(env, dict) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
+                                               for v in env.values()):
+            raise ConfigError(f"[stages.{name}] env: must be a table of strings")
+        result[name] = StageConfig(name, list(command), timeout, {k: str(v) for k, v in env.items()})
+    return result

@@ -1,0 +1,161 @@
+"""What the CLI, the daemon and scripts call: ticking, running, control actions, the Core API.
+
+Knows nothing of argv or terminals; the CLI formats what these functions return.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import orjson
+
+from . import control
+from .config import Config
+from .errors import RefusedError, RunLocked
+from .lock import lock_holder
+from .machine import Machine, status_view
+from .status import read_state
+
+ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
+
+
+def tick(config: Config, steps: int = 1) -> dict[str, Any]:
+    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
+    with Machine(config) as machine:
+        machine.require_run()
+        for _ in range(steps):
+            if not machine.tick():
+                break
+        return machine.status()
+
+
+def start(config: Config, mode: str | None = None) -> dict[str, Any]:
+    with Machine(config) as machine:
+        machine.start(mode)
+        return machine.status()
+
+
+def run(config: Config, mode: str | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        poll_s: float = 0.5) -> dict[str, Any]:
+    """Start a run if there is none (or the last one finished), then tick until IDLE or ERROR.
+
+    While the run is paused it waits for resume or stop, as a foreground loop should.
+    """
+    with Machine(config) as machine:
+        state = machine.state
+        if state is None or state["status"] in ("completed", "stopped"):
+            machine.start(mode)
+        while True:
+            machine.apply_requests()
+            view = machine.status()
+            if on_progress is not None:
+                on_progress(view)
+            if view["state"] in ("IDLE", "ERROR") and not view["paused"]:
+                return view
+            if view["paused"]:
+                time.sleep(poll_s)
+                continue
+            machine.tick()
+
+
+def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
+    """Apply stop/pause/resume/train_now now if the run is free, else queue it for its holder.
+
+    Returns ("applied" | "queued", status view). RefusedError when it does not apply.
+    """
+    try:
+        machine = Machine(config).open()
+    except RunLocked:
+        state = read_state(config.state_path)
+        view = status_view(state, config)
+        if state is None:
+            raise RefusedError(f"no run in {config.out_dir}") from None
+        _precheck_queued(action, view)
+        control.request(config.control_dir, action)
+        view = status_view(read_state(config.state_path), config)
+        view["holder_pid"] = lock_holder(config.lock_path)
+        return "queued", view
+    try:
+        machine.require_run()
+        machine.apply_requests()
+        machine.act(action)
+        return "applied", machine.status()
+    finally:
+        machine.close()
+
+
+def _precheck_queued(action: str, view: dict[str, Any]) -> None:
+    """Refuse at once what the holder would refuse anyway, judging by the last written state."""
+    status = view["status"]
+    if status in ("completed", "stopped", "error") and action != "resume":
+        raise RefusedError(f"run {view['run_id']} is {status}; nothing to {action.replace('_', '-')}")
+    if action == "train_now" and not (view["mode"] == "collect" and view["state"] == "IDLE"):
+        raise RefusedError(f"train-now applies in collect mode waiting in IDLE; run {view['run_id']} "
+                           f"is in {view['mode']} mode, state {view['state']}")
+    if action == "resume" and not view["paused"] and "pause" not in view["pending_requests"]:
+        raise RefusedError(f"run {view['run_id']} is {status}, not paused")
+
+
+def status(config: Config) -> dict[str, Any]:
+    """The run's state as last written, read without the lock (never torn)."""
+    view = status_view(read_state(config.state_path), config)
+    view["holder_pid"] = lock_holder(config.lock_path)
+    return view
+
+
+class Core:
+    """The Python API of the walkthrough's binding: one run, driven tick by tick.
+
+    >>> core = heidi.Core(); core.init(); core.start("full"); core.tick(max_steps=10)
+    """
+
+    def __init__(self) -> None:
+        self.config: Config | None = None
+
+    def init(self, config_path: str | None = None, **overrides: Any) -> None:
+        """Load and validate the configuration (environment over heidi.toml over defaults).
+
+        Keyword overrides use the variable names: Core().init(OUT_DIR="/tmp/x", ROUNDS=2).
+        """
+        self.config = Config.load(config_path, overrides=overrides or None)
+
+    def _cfg(self) -> Config:
+        if self.config is None:
+            self.init()
+        assert self.config is not None
+        return self.config
+
+    def start(self, mode: str = "full") -> str:
+        return _dumps(start(self._cfg(), mode))
+
+    def tick(self, max_steps: int = 1) -> str:
+        """Up to max_steps transitions; returns the status as a JSON string."""
+        return _dumps(tick(self._cfg(), max_steps))
+
+    def get_status(self) -> dict[str, Any]:
+        view = status(self._cfg())
+        return view
+
+    def get_status_json(self) -> str:
+        return _dumps(self.get_status())
+
+    def action_train_now(self) -> str:
+        return control_action(self._cfg(), "train_now")[0]
+
+    def pause(self) -> str:
+        return control_action(self._cfg(), "pause")[0]
+
+    def resume(self) -> str:
+        return control_action(self._cfg(), "resume")[0]
+
+    def stop(self) -> str:
+        return control_action(self._cfg(), "stop")[0]
+
+    def shutdown(self) -> None:
+        """Release everything; the run stays on disk where it is."""
+        self.config = None
+
+
+def _dumps(view: dict[str, Any]) -> str:
+    return orjson.dumps(view).decode()

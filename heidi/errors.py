@@ -1,0 +1,41 @@
+"""Errors heidi reports to users: one line each, with the exit code the CLI uses."""
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 75
+
+
+class HeidiError(Exception):
+    """A failure a user sees as one line on stderr and an exit code."""
+
+    exit_code = EXIT_FAILED
+
+
+class ConfigError(HeidiError):
+    """A bad setting: names the variable, the value and what is allowed."""
+
+    exit_code = EXIT_USAGE
+
+
+class UsageError(HeidiError):
+    exit_code = EXIT_USAGE
+
+
+class RunLocked(HeidiError):
+    """Another process holds OUT_DIR/heidi.lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class RefusedError(HeidiError):
+    """An action that does not apply to the run as it is (e.g. train-now outside collect mode)."""
+
+    exit_code = EXIT_FAILED
+
+
+class StateError(HeidiError):
+    """state.json or the journal cannot be read or trusted."""
+
+    exit_code = EXIT_FAILED

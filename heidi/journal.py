@@ -1,0 +1,226 @@
+"""The event journal: append-only, hash-chained events.jsonl (schema v1.0, design.md §3.1).
+
+JournalWriter continues the chain of an existing journal by reading only its tail, repairs a
+torn last line (kept aside, never silently), redacts before writing and batches fsyncs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+from ._fast import atomic as _atomic
+from ._fast import chain as _chain
+from .clock import Clock, clock_from_env
+from .errors import StateError
+
+KEYS = _chain.KEYS
+JournalError = _chain.JournalError
+_TAIL_READ_BYTES = 64 * 1024
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clean_str(text: str) -> str:
+    # Lone surrogates (from undecodable file names, say) are not UTF-8: replace them.
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _numbers(name: str, delta: Mapping[str, Any] | None) -> dict:
+    if not delta:
+        return {}
+    out = {}
+    for key, value in delta.items():
+        if type(value) not in (int, float):
+            raise TypeError(f"{name}[{key!r}] must be a number, not {type(value).__name__}")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{name}[{key!r}] must be finite")
+        out[str(key)] = value
+    return out
+
+
+def read_tail(path: str) -> tuple[bytes | None, bytes]:
+    """(last whole line or None, torn fragment after it) of a journal, reading only its end."""
+    with open(path, "rb") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return None, b""
+        want = _TAIL_READ_BYTES
+        while True:
+            start = max(0, size - want)
+            fh.seek(start)
+            data = fh.read(size - start)
+            last_nl = data.rfind(b"\n")
+            fragment = data[last_nl + 1:] if last_nl >= 0 else data
+            if last_nl < 0:
+                if start == 0:
+                    return None, fragment
+                want *= 4
+                continue
+            prev_nl = data.rfind(b"\n", 0, last_nl)
+            if prev_nl >= 0 or start == 0:
+                return data[prev_nl + 1:last_nl + 1], fragment
+            if want > _chain.MAX_LINE_BYTES * 2 + 2:
+                return data[:last_nl + 1], fragment  # over-long line: verify reports it
+            want *= 4
+
+
+def count_lines(path: str) -> int:
+    """Newlines in a file, counted in chunks (no parsing)."""
+    count = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            count += chunk.count(b"\n")
+    return count
+
+
+class JournalWriter:
+    """Appends events to one run's journal, continuing its hash chain across processes."""
+
+    def __init__(self, path: str, run_id: str, clock: Clock | None = None,
+                 redact: Callable[[str], str] | None = None, fsync: bool = True,
+                 head: tuple[int, str | None] | None = None, round: int = 0) -> None:
+        if redact is None:
+            from ._fast.redact import redact as default_redact
+            redact = default_redact
+        self.path = os.fspath(path)
+        self.run_id = run_id
+        self.clock = clock or clock_from_env()
+        self.redact = redact
+        self.fsync = fsync
+        self.round = round
+        self.repaired: str | None = None
+        self._dirty = False
+        parent = os.path.dirname(self.path) or "."
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            self._open_tail(head)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _open_tail(self, head: tuple[int, str | None] | None) -> None:
+        last, fragment = read_tail(self.path)
+        torn_bytes = len(fragment)
+        if fragment:
+            self._set_aside(fragment)
+        if last is None:
+            self.prev_hash = self.run_id
+            self.count = 0
+        else:
+            event, _ = _chain.parse_line(last)
+            if isinstance(event, dict) and event.get("run_id") != self.run_id:
+                raise StateError(f"{self.path}: journal belongs to run {event.get('run_id')!r}, "
+                                 f"not {self.run_id!r}")
+            self.prev_hash = _chain.line_hash(last)
+            if head is not None and head[1] == self.prev_hash and not fragment:
+                self.count = head[0]
+            else:
+                self.count = count_lines(self.path)
+        if torn_bytes:
+            self.emit("journal_repaired",
+                      f"journal ended in a cut-off line ({torn_bytes} bytes, kept in "
+                      f"{os.path.basename(self.repaired or '')}); cut back to the last whole line",
+                      level="warn")
+            self.sync()
+
+    def _set_aside(self, fragment: bytes) -> None:
+        n = 1
+        while os.path.exists(f"{self.path}.torn-{n}"):
+            n += 1
+        aside = f"{self.path}.torn-{n}"
+        _atomic.atomic_write(aside, fragment, 0o600, self.fsync)
+        os.truncate(self.path, os.fstat(self._fd).st_size - len(fragment))
+        if self.fsync:
+            os.fsync(self._fd)
+        self.repaired = aside
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(events in the journal, hash of its last line — or the run id when empty)."""
+        return self.count, self.prev_hash
+
+    def emit(self, event_type: str, message: str = "", *, round: int | None = None,
+             stage: str = "pipeline", level: str = "info",
+             counters_delta: Mapping[str, Any] | None = None,
+             usage_delta: Mapping[str, Any] | None = None,
+             artifact_paths: Iterable[str] | None = None, error: str | None = None) -> bytes:
+        """Append one event; message and error are redacted, then cut to the schema's limits."""
+        if level not in _chain.LEVELS:
+            raise ValueError(f"level {level!r}: must be one of {', '.join(sorted(_chain.LEVELS))}")
+        redact = self.redact
+        message = _truncate(redact(_clean_str(message)), _chain.MAX_MESSAGE_CHARS)
+        if error is not None:
+            error = _truncate(redact(_clean_str(str(error))), _chain.MAX_ERROR_CHARS)
+        paths = []
+        for path in artifact_paths or ():
+            path = redact(_clean_str(str(path)))
+            paths.append(path if len(path) <= _chain.MAX_ARTIFACT_CHARS
+                         else "…" + path[-(_chain.MAX_ARTIFACT_CHARS - 1):])
+        line = _chain.encode_event(
+            self.clock.iso(), self.run_id, self.round if round is None else round, stage, level,
+            event_type, message, _numbers("counters_delta", counters_delta),
+            _numbers("usage_delta", usage_delta), paths, error, self.prev_hash)
+        _atomic.write_all(self._fd, line)
+        self.prev_hash = _chain.line_hash(line)
+        self.count += 1
+        self._dirty = True
+        return line
+
+    def sync(self) -> None:
+        """Make every append since the last sync durable (one fsync for a whole transition)."""
+        if self._dirty and self.fsync:
+            os.fsync(self._fd)
+        self._dirty = False
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            try:
+                self.sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> "JournalWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_events(path: str) -> Iterable[dict]:
+    """Every event of a journal, checked strictly (raises JournalError at the first bad line)."""
+    prev: str | None = None
+    run_id: str | None = None
+    with open(path, "rb") as fh:
+        for line_no, line in enumerate(fh, 1):
+            try:
+                event = _chain.check_line(line, prev, run_id)
+            except ValueError as exc:
+                raise JournalError(line_no, str(exc)) from None
+            run_id = event["run_id"]
+            prev = _chain.line_hash(line)
+            yield event
+
+
+def verify_journal(path: str, expected_head: tuple[int, str] | None = None) -> tuple[int, str | None, str | None]:
+    """Strict read of a whole journal: (events, head hash, run id) or JournalError.
+
+    expected_head (events, hash) from state.json detects a journal cut back to an earlier line.
+    """
+    with open(path, "rb", buffering=0) as fh:
+        count, head, run_id = _chain.verify_stream(fh)
+    if expected_head is not None:
+        want_count, want_hash = expected_head
+        if count < want_count:
+            raise JournalError(count + 1, f"journal ends after {count} events but state.json "
+                                          f"records {want_count}: the tail was cut off")
+        if count == want_count and want_hash and head != want_hash:
+            raise JournalError(count, "last line's hash differs from the head in state.json")
+    return count, head, run_id

@@ -1,0 +1,491 @@
+"""The loop's state machine (design.md §4): one transition per tick, journaled, crash-safe.
+
+Every change of state is an event: the machine emits events and folds each one into the state
+with `apply_event`, and recovery replays the journal through the same function, so state.json
+can always be rebuilt from events.jsonl.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import control
+from ._fast import chain as _chain
+from .clock import Clock, clock_from_env
+from .config import MODES, Config
+from .errors import RefusedError, StateError
+from .journal import JournalWriter, read_tail, verify_journal
+from .lock import RunLock
+from .status import StatusWriter, read_state
+
+STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
+STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
+            "FINALIZING": "train", "EVALUATING": "eval"}
+STATE_OF = {stage: state for state, stage in STAGE_OF.items()}
+NEXT_ROUND = "NEXT_ROUND"  # COLLECTING of the next round, or IDLE (completed) after the last
+
+# The loop, one row per (state, outcome of its stage) -> next state in (full, collect) mode.
+# A tick in a stage state runs that stage; "ok+tests" is a success with RUN_UNIT_TESTS=1.
+# Any other failing stage is fail-closed: pipeline_error, ERROR.
+TRANSITIONS: dict[tuple[str, str], tuple[str, str]] = {
+    # (state,        outcome)      full           collect
+    ("COLLECTING", "ok"):       ("VALIDATING", "VALIDATING"),
+    ("VALIDATING", "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
+    ("VALIDATING", "ok+tests"): ("TESTING",    "TESTING"),
+    ("TESTING",    "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
+    ("FINALIZING", "ok"):       ("EVALUATING", "EVALUATING"),
+    ("EVALUATING", "ok"):       (NEXT_ROUND,   NEXT_ROUND),
+    ("EVALUATING", "failed"):   (NEXT_ROUND,   NEXT_ROUND),  # a failed eval is a warn only
+    ("COLLECTING", "failed"):   ("ERROR",      "ERROR"),
+    ("VALIDATING", "failed"):   ("ERROR",      "ERROR"),
+    ("TESTING",    "failed"):   ("ERROR",      "ERROR"),
+    ("FINALIZING", "failed"):   ("ERROR",      "ERROR"),
+}
+# Control actions: which (state, status) accept them. train-now: collect mode, waiting in IDLE.
+ACTIVE_STATUSES = ("running", "idle", "paused")
+
+
+def next_state(state: str, outcome: str, mode: str, run_unit_tests: bool) -> str:
+    if outcome == "ok" and state == "VALIDATING" and run_unit_tests:
+        outcome = "ok+tests"
+    full, collect = TRANSITIONS[(state, outcome)]
+    return collect if mode == "collect" else full
+
+
+@dataclass
+class StageOutcome:
+    """What running one stage produced."""
+
+    ok: bool
+    usage_delta: dict[str, float] = field(default_factory=dict)
+    counters_delta: dict[str, int] = field(default_factory=dict)
+    artifact_paths: list[str] = field(default_factory=list)
+    error: str | None = None          # one line: "exited with code 3", "timed out after 60 s"
+    output_tail: str = ""             # redacted tail of the stage's output
+    stopped: bool = False             # ended because a stop was requested
+
+
+StageRunner = Callable[["Machine", str, int], StageOutcome]
+
+
+def mock_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+    """HEIDI_MOCK_SUBPROCESSES=1: every stage succeeds at once, with a synthetic usage."""
+    seed = (round_ * 31 + len(stage)) % 17
+    return StageOutcome(ok=True, usage_delta={
+        "memory_mb_delta": 1.0 + seed / 4, "cpu_pct": 10.0 + seed,
+        "system_mem_available_kb_delta": -1024 * (seed + 1), "system_cpu_pct": 5.0 + seed / 2,
+        "wall_ms": 0.0})
+
+
+def new_run_id(now_s: float) -> str:
+    return time.strftime("run_%Y%m%d_%H%M%S_", time.gmtime(now_s)) + secrets.token_hex(4)
+
+
+_START_RE = re.compile(r"mode=(full|collect), rounds=(\d+), run_unit_tests=([01])")
+
+
+def empty_state() -> dict[str, Any]:
+    return {
+        "run_id": None, "status": "idle", "state": "IDLE", "mode": "full", "current_round": 0,
+        "rounds": 0, "run_unit_tests": False, "current_stage": None, "stage_status": None,
+        "paused": False, "stop_requested": False, "pause_requested": False,
+        "counters": {}, "usage": {}, "started_at": None, "updated_at": None,
+        "journal": {"events": 0, "head": None, "bytes": 0}, "last_error": None,
+    }
+
+
+def _add(total: dict, delta: dict) -> None:
+    for key, value in delta.items():
+        total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else total.get(key, 0) + value
+
+
+def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
+    """Fold one event into the state. Pure bookkeeping; the decisions live in the machine."""
+    kind = event["event_type"]
+    state["updated_at"] = event["ts"]
+    if event["counters_delta"]:
+        _add(state["counters"], event["counters_delta"])
+    if event["usage_delta"] and kind != "script_success":  # stage_end repeats its usage
+        _add(state["usage"], event["usage_delta"])
+    if kind == "pipeline_start":
+        match = _START_RE.search(event["message"])
+        if match is None:
+            raise StateError("pipeline_start event does not record mode, rounds and run_unit_tests")
+        state.update(run_id=event["run_id"], status="running", state="IDLE", current_round=0,
+                     mode=match.group(1), rounds=int(match.group(2)),
+                     run_unit_tests=match.group(3) == "1", started_at=event["ts"],
+                     current_stage=None, stage_status=None, last_error=None)
+    elif kind == "round_start":
+        state.update(current_round=event["round"], state="COLLECTING", stage_status="pending",
+                     current_stage="generate")
+        if not state["paused"]:
+            state["status"] = "running"
+    elif kind == "stage_start":
+        state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
+                     stage_status="running")
+    elif kind == "stage_interrupted":
+        state["stage_status"] = "pending"
+    elif kind == "stage_end":
+        stage_state = STATE_OF[event["stage"]]
+        outcome = "failed" if event["level"] == "warn" else "ok"
+        nxt = next_state(stage_state, outcome, state["mode"], state["run_unit_tests"])
+        if nxt == NEXT_ROUND:
+            state["stage_status"] = "done"  # round_start or pipeline_complete follows
+        else:
+            state.update(state=nxt, stage_status="pending" if nxt != "IDLE" else None,
+                         current_stage=STAGE_OF.get(nxt))
+            if nxt == "IDLE" and not state["paused"]:
+                state["status"] = "idle"  # collect mode: waiting for train-now
+    elif kind == "pipeline_error":
+        state.update(state="ERROR", status="error", stage_status=None, last_error=event["error"],
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_stop":
+        state.update(state="IDLE", status="stopped", stage_status=None, stop_requested=False,
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_complete":
+        state.update(state="IDLE", status="completed", stage_status=None, current_stage=None,
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_pause":
+        state.update(paused=True, pause_requested=False, status="paused")
+    elif kind == "pipeline_resume":
+        state["paused"] = False
+        state["status"] = "idle" if state["state"] == "IDLE" else "running"
+    elif kind == "train_now":
+        state.update(state="FINALIZING", stage_status="pending", current_stage="train")
+        if not state["paused"]:
+            state["status"] = "running"
+
+
+class Machine:
+    """One run in one OUT_DIR. Use open() (takes the lock), then start()/tick()/actions, close()."""
+
+    def __init__(self, config: Config, clock: Clock | None = None,
+                 stage_runner: StageRunner | None = None) -> None:
+        self.config = config
+        self.clock = clock or clock_from_env()
+        if stage_runner is None:
+            if config.mock_subprocesses:
+                stage_runner = mock_stage
+            else:
+                from .stages import run_stage
+                stage_runner = run_stage
+        self.stage_runner = stage_runner
+        self.lock = RunLock(config.lock_path)
+        self.status_writer = StatusWriter(config.state_path, config.fsync)
+        self.state: dict[str, Any] | None = None
+        self.journal: JournalWriter | None = None
+
+    # -- opening, recovery ---------------------------------------------------------------
+    def open(self) -> "Machine":
+        """Take the run lock (RunLocked if held) and load the run, recovering it if needed."""
+        os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
+        self.lock.acquire()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        self.lock.release()
+
+    def __enter__(self) -> "Machine":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _load(self) -> None:
+        cfg = self.config
+        state = read_state(cfg.state_path)
+        journal_exists = os.path.exists(cfg.journal_path) and os.path.getsize(cfg.journal_path) > 0
+        if state is None and not journal_exists:
+            self.state = None
+            return
+        if state is not None and state.get("run_id") and not journal_exists:
+            raise StateError(f"{cfg.state_path} names run {state.get('run_id')!r} but "
+                             f"{cfg.journal_path} is missing or empty")
+        run_id = state["run_id"] if state else self._journal_run_id()
+        head = state.get("journal", {}) if state else {}
+        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync,
+                                     head=(head.get("events", 0), head.get("head")) if state else None,
+                                     round=state.get("current_round", 0) if state else 0)
+        repaired = self.journal.repaired is not None
+        if state is None or head.get("head") != self.journal.prev_hash or repaired:
+            if state is not None and head.get("events", 0) > self.journal.count:
+                raise StateError(f"{cfg.journal_path} has {self.journal.count} events but "
+                                 f"state.json records {head.get('events')}: the journal was cut "
+                                 "short; run `heidi verify`")
+            state = self._replay()
+            self.state = state
+            self._emit("state_recovered",
+                       f"state.json rebuilt from the journal ({state['journal']['events']} events)",
+                       level="warn")
+            self._save()
+        self.state = state
+        self.journal.round = state["current_round"]
+
+    def _journal_run_id(self) -> str:
+        last, _ = read_tail(self.config.journal_path)
+        obj, reason = _chain.parse_line(last) if last else (None, "empty")
+        if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
+            # fall back to the first line: the genesis names the run
+            with open(self.config.journal_path, "rb") as fh:
+                first = fh.readline()
+            obj, reason = _chain.parse_line(first)
+            if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
+                raise StateError(f"{self.config.journal_path}: cannot tell which run it holds ({reason})")
+        return obj["run_id"]
+
+    def _replay(self) -> dict[str, Any]:
+        """Rebuild the state by folding every event of the (strictly checked) journal."""
+        state = empty_state()
+        count = 0
+        prev: str | None = None
+        size = 0
+        with open(self.config.journal_path, "rb") as fh:
+            for count, line in enumerate(fh, 1):
+                try:
+                    event = _chain.check_line(line, prev, state["run_id"])
+                except ValueError as exc:
+                    raise StateError(f"cannot rebuild state: {self.config.journal_path} line "
+                                     f"{count}: {exc}") from None
+                prev = _chain.line_hash(line)
+                size += len(line)
+                apply_event(state, event)
+        state["journal"] = {"events": count, "head": prev, "bytes": size}
+        return state
+
+    # -- journal + state -----------------------------------------------------------------
+    def _emit(self, event_type: str, message: str = "", **kw: Any) -> None:
+        assert self.journal is not None and self.state is not None
+        line = self.journal.emit(event_type, message, **kw)
+        # Fold what was written (redacted, truncated): replay must give the same state.
+        apply_event(self.state, _EventView(line))
+        head = self.state["journal"]
+        head["events"] = self.journal.count
+        head["head"] = self.journal.prev_hash
+        head["bytes"] = head.get("bytes", 0) + len(line)
+
+    def _save(self) -> None:
+        assert self.journal is not None and self.state is not None
+        self.journal.sync()
+        self.state["round"] = self.state["current_round"]
+        self.state["pending_requests"] = [a for _, a in control.pending(self.config.control_dir)]
+        self.status_writer.write(self.state)
+
+    # -- starting a run ------------------------------------------------------------------
+    def start(self, mode: str | None = None) -> dict[str, Any]:
+        """Begin a new run (pipeline_start, round_start of round 1). Refused if one is active."""
+        cfg = self.config
+        mode = mode or cfg.mode
+        if mode not in MODES:
+            raise RefusedError(f"mode {mode!r}: must be one of {', '.join(MODES)}")
+        if self.state is not None:
+            if self.state["status"] in ACTIVE_STATUSES:
+                raise RefusedError(f"run {self.state['run_id']} is already {self.state['status']} "
+                                   f"(state {self.state['state']}); stop it first or use another --out-dir")
+            self._archive()
+        run_id = cfg.run_id or new_run_id(self.clock.now())
+        if os.path.exists(os.path.join(cfg.out_dir, "runs", run_id)):
+            raise RefusedError(f"RUN_ID={run_id!r}: a finished run with this id is archived in "
+                               f"{os.path.join(cfg.out_dir, 'runs', run_id)}; choose another")
+        self.state = empty_state()
+        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync)
+        self._emit("pipeline_start", f"Starting training pipeline (mode={mode}, rounds={cfg.rounds}, "
+                   f"run_unit_tests={int(cfg.run_unit_tests)})")
+        self._emit("round_start", "Starting round 1", round=1)
+        self.journal.round = 1
+        self._save()
+        return self.state
+
+    def _archive(self) -> None:
+        """Move a finished run's files to OUT_DIR/runs/<run_id>/ so a new run starts clean."""
+        assert self.state is not None
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        cfg = self.config
+        dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
+        os.makedirs(dest, mode=0o700, exist_ok=True)
+        keep = {"heidi.lock", "runs", "control", "heidi.toml", "heidi.pid"}
+        for name in sorted(os.listdir(cfg.out_dir)):
+            if name in keep:
+                continue
+            os.rename(os.path.join(cfg.out_dir, name), os.path.join(dest, name))
+        for path, _ in control.pending(cfg.control_dir):
+            control.consume(path)  # requests aimed at the finished run
+        self.state = None
+
+    # -- ticking -------------------------------------------------------------------------
+    @property
+    def has_run(self) -> bool:
+        return self.state is not None
+
+    def require_run(self) -> dict[str, Any]:
+        if self.state is None:
+            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
+        return self.state
+
+    def apply_requests(self) -> None:
+        """Apply queued control requests (oldest first); refused ones are dropped with a warn."""
+        for path, action in control.pending(self.config.control_dir):
+            try:
+                self.act(action)
+            except RefusedError as exc:
+                self._emit("request_refused", f"{action} refused: {exc}", level="warn")
+                self._save()
+            control.consume(path)
+
+    def tick(self) -> bool:
+        """Perform at most one transition; True when something advanced."""
+        state = self.require_run()
+        self.apply_requests()
+        if state["state"] in ("IDLE", "ERROR") or state["paused"]:
+            return False
+        if state["stage_status"] == "done":
+            self._advance_round()
+            self._save()
+            return True
+        if state["stage_status"] == "running":
+            # The process that ran this stage died mid-stage: record it, then run it again.
+            self._emit("stage_interrupted", f"{state['current_stage']} was interrupted "
+                       "(the previous heidi process died); running it again",
+                       stage=state["current_stage"] or "pipeline", level="warn")
+        self._run_stage()
+        return True
+
+    def _run_stage(self) -> None:
+        state = self.state
+        assert state is not None
+        machine_state, round_ = state["state"], state["current_round"]
+        stage = STAGE_OF[machine_state]
+        self._emit("stage_start", f"Starting {stage}", stage=stage)
+        if not self.config.mock_subprocesses:
+            self._save()  # a crash from here on is seen as an interrupted stage
+        outcome = self.stage_runner(self, stage, round_)
+        if outcome.stopped:
+            self._emit("pipeline_stop", f"Stopped during {stage}; the stage was terminated",
+                       stage=stage, level="warn", usage_delta=outcome.usage_delta)
+            self._drop_requests("stop")
+        elif outcome.ok:
+            self._emit("script_success", f"{stage} succeeded", stage=stage, level="success",
+                       usage_delta=outcome.usage_delta, counters_delta=outcome.counters_delta,
+                       artifact_paths=outcome.artifact_paths)
+            self._emit("stage_end", f"Finished {stage}", stage=stage, usage_delta=outcome.usage_delta)
+        elif machine_state == "EVALUATING":
+            self._emit("stage_end", f"eval failed, the loop goes on: {outcome.output_tail[-300:]}",
+                       stage=stage, level="warn", usage_delta=outcome.usage_delta,
+                       error=outcome.error or "eval failed")
+        else:
+            self._emit("pipeline_error", f"{stage} failed: {outcome.output_tail[-400:]}",
+                       stage=stage, level="error", usage_delta=outcome.usage_delta,
+                       error=outcome.error or f"{stage} failed")
+        if state["stage_status"] == "done":
+            self._advance_round()
+        self._save()
+
+    def _advance_round(self) -> None:
+        state = self.state
+        assert state is not None
+        if state["current_round"] < state["rounds"]:
+            nxt = state["current_round"] + 1
+            self.journal.round = nxt  # type: ignore[union-attr]
+            self._emit("round_start", f"Starting round {nxt}", round=nxt)
+        else:
+            self._emit("pipeline_complete", f"Completed {state['rounds']} rounds",
+                       level="success")
+
+    # -- actions -------------------------------------------------------------------------
+    def act(self, action: str) -> None:
+        """Apply a control action now (the caller holds the lock). RefusedError if it can't."""
+        state = self.require_run()
+        status = state["status"]
+        if action == "stop":
+            if status not in ACTIVE_STATUSES:
+                raise RefusedError(f"run {state['run_id']} is {status}; nothing to stop")
+            self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
+                       stage=state["current_stage"] or "pipeline")
+        elif action == "pause":
+            if state["paused"]:
+                return
+            if status not in ("running", "idle"):
+                raise RefusedError(f"run {state['run_id']} is {status}; only a running or idle run can pause")
+            self._emit("pipeline_pause", "Paused; ticks do nothing until resumed")
+        elif action == "resume":
+            if not state["paused"]:
+                if status in ("running", "idle"):
+                    return
+                raise RefusedError(f"run {state['run_id']} is {status}, not paused")
+            self._emit("pipeline_resume", "Resumed")
+        elif action == "train_now":
+            if state["mode"] != "collect" or state["state"] != "IDLE" or status not in ("idle", "paused"):
+                raise RefusedError(f"train-now applies in collect mode waiting in IDLE; run "
+                                   f"{state['run_id']} is in {state['mode']} mode, state {state['state']}, "
+                                   f"status {status}")
+            self._emit("train_now", "Train now requested; finalizing the collected data")
+        else:
+            raise ValueError(f"unknown action {action!r}")
+        self._save()
+
+    def _drop_requests(self, action: str) -> None:
+        for path, queued in control.pending(self.config.control_dir):
+            if queued == action:
+                control.consume(path)
+
+    def stop_requested(self) -> bool:
+        """A stop waits in the control queue (checked by stage runners several times a second)."""
+        return control.stop_pending(self.config.control_dir)
+
+    # -- reading -------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return status_view(self.state, self.config)
+
+
+class _EventView(dict):
+    """The fields of a just-written line, parsed back so the state folds exactly what was written."""
+
+    def __init__(self, line: bytes) -> None:
+        import orjson
+        super().__init__(orjson.loads(line))
+
+
+def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
+    """What `heidi status --json` and the API show: the state plus pending control requests."""
+    pending = [a for _, a in control.pending(config.control_dir)]
+    if state is None:
+        return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
+                "stage": None, "paused": False, "out_dir": config.out_dir,
+                "pending_requests": pending}
+    view = {
+        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
+        "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
+        "stage": state["current_stage"], "stage_status": state["stage_status"],
+        "paused": state["paused"],
+        "stop_requested": state["stop_requested"] or "stop" in pending,
+        "pause_requested": state["pause_requested"] or "pause" in pending,
+        "run_unit_tests": state["run_unit_tests"], "counters": state["counters"],
+        "usage": state["usage"], "started_at": state["started_at"],
+        "updated_at": state["updated_at"], "last_error": state["last_error"],
+        "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
+    }
+    return view
+
+
+def verify_run(config: Config, path: str | None = None) -> tuple[int, str | None, str | None]:
+    """Strict check of a run's journal, and of state.json's head when it is there."""
+    journal = path or config.journal_path
+    head = None
+    state_path = os.path.join(os.path.dirname(journal), "state.json")
+    state = read_state(state_path) if os.path.exists(state_path) else None
+    if state and isinstance(state.get("journal"), dict):
+        head = (state["journal"].get("events", 0), state["journal"].get("head"))
+    return verify_journal(journal, head)
