@@ -227,6 +227,13 @@ class Config:
         stage_tables: dict[str, Any] = {}
         if path is not None:
             file_values, stage_tables = _read_toml(path)
+            # Relative paths in heidi.toml are relative to the file, not to the caller's cwd.
+            base = os.path.dirname(os.path.abspath(path))
+            for name in ("OUT_DIR", "HEIDI_REPO_ROOT"):
+                value = file_values.get(name)
+                if isinstance(value, str) and value.strip() and not os.path.isabs(
+                        os.path.expanduser(value.strip())):
+                    file_values[name] = os.path.join(base, value.strip())
         values: dict[str, Any] = {}
         explicit = set()
         for name, (attr, parse, default) in SETTINGS.items():

@@ -12,6 +12,7 @@ import orjson
 from . import control
 from .config import Config
 from .errors import RefusedError, RunLocked
+from .limits import apply_limits
 from .lock import lock_holder
 from .machine import Machine, status_view
 from .status import read_state
@@ -21,6 +22,7 @@ ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train
 
 def tick(config: Config, steps: int = 1) -> dict[str, Any]:
     """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
+    apply_limits(config)
     with Machine(config) as machine:
         machine.require_run()
         for _ in range(steps):
@@ -42,6 +44,7 @@ def run(config: Config, mode: str | None = None,
 
     While the run is paused it waits for resume or stop, as a foreground loop should.
     """
+    apply_limits(config)
     with Machine(config) as machine:
         state = machine.state
         if state is None or state["status"] in ("completed", "stopped"):

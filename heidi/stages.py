@@ -1,0 +1,211 @@
+"""Running one real stage: governor, argv from the template, clean child environment, the
+FINALIZING split, supervision with a redacted log, and the usage sampled from /proc around it.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shlex
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+from ._fast import procstat
+from ._fast.atomic import atomic_write
+from ._fast.redact import default_redactor
+from ._fast.supervise import run_supervised
+from .machine import StageOutcome
+from .stagelog import StageLog
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .machine import Machine
+
+THROTTLE_EVENT_EVERY_S = 300.0   # one pipeline_throttled event per 5 minutes of waiting
+GOVERNOR_SAMPLE_S = 0.25
+OUTPUT_TAIL_CHARS = 2000
+
+
+def placeholders(cfg: "Config", round_: int) -> dict[str, str]:
+    return {"python": cfg.python, "scripts_dir": cfg.scripts_dir, "repo_root": cfg.repo_root,
+            "out_dir": cfg.out_dir, "data_dir": cfg.data_dir, "eval_dir": cfg.eval_dir,
+            "logs_dir": cfg.logs_dir, "round": str(round_), "samples": str(cfg.samples_per_round),
+            "run_id": "", "seed": str(cfg.seed), "base_model": cfg.base_model,
+            "teacher_model": cfg.teacher_model}
+
+
+def build_argv(template: list[str], values: dict[str, str]) -> list[str]:
+    """Fill an argv template; an argument that is exactly {python} may expand to several words
+    (HEIDI_PYTHON="uv run python")."""
+    argv: list[str] = []
+    for arg in template:
+        if arg == "{python}":
+            argv.extend(shlex.split(values["python"]))
+            continue
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)
+        argv.append(arg)
+    return argv
+
+
+def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
+              extra: dict[str, str]) -> dict[str, str]:
+    """The user's environment (stages need their keys) plus the run's settings and identity.
+
+    A frozen heidi runs with PyInstaller's LD_LIBRARY_PATH; the child gets the original back so a
+    training job never loads heidi's bundled libraries.
+    """
+    env = dict(os.environ)
+    if getattr(sys, "frozen", False):
+        original = env.pop("LD_LIBRARY_PATH_ORIG", None)
+        if original is not None:
+            env["LD_LIBRARY_PATH"] = original
+        else:
+            env.pop("LD_LIBRARY_PATH", None)
+    env.update(cfg.stage_env())
+    env.update({"HEIDI_RUN_ID": run_id, "HEIDI_ROUND": str(round_), "HEIDI_STAGE": stage,
+                "HEIDI_OUT_DIR": cfg.out_dir})
+    env.update(extra)
+    return env
+
+
+def split_round(cfg: "Config", round_: int) -> tuple[str, str, int, int]:
+    """FINALIZING's split of the round's data into train/val files, deterministic for SEED.
+
+    VAL_RATIO of the lines go to val (at least one when there are two or more); the two files are
+    disjoint and together the whole input. Returns (train path, val path, n_train, n_val).
+    """
+    name = "tested" if cfg.run_unit_tests else "clean"
+    source = os.path.join(cfg.data_dir, f"{name}_round_{round_}.jsonl")
+    try:
+        with open(source, "rb") as fh:
+            lines = [line if line.endswith(b"\n") else line + b"\n" for line in fh if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"no data to train on: {source} is missing") from None
+    if not lines:
+        raise ValueError(f"no data to train on: {source} is empty")
+    n = len(lines)
+    n_val = round(n * cfg.val_ratio)
+    if n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    else:
+        n_val = 0
+    order = list(range(n))
+    random.Random(cfg.seed * 1_000_003 + round_).shuffle(order)
+    val_idx = sorted(order[:n_val])
+    train_idx = sorted(order[n_val:])
+    train_path = os.path.join(cfg.data_dir, f"train_round_{round_}.jsonl")
+    val_path = os.path.join(cfg.data_dir, f"val_round_{round_}.jsonl")
+    atomic_write(train_path, b"".join(lines[i] for i in train_idx), 0o600, cfg.fsync)
+    atomic_write(val_path, b"".join(lines[i] for i in val_idx), 0o600, cfg.fsync)
+    return train_path, val_path, len(train_idx), len(val_idx)
+
+
+def _system_busy(cfg: "Config", sampler: Any) -> str | None:
+    """Why the system is too busy to start a stage, or None."""
+    reasons = []
+    if cfg.max_mem_pct < 100.0:
+        snap = sampler.sample()
+        used = sampler.mem_used_pct(snap)
+        if used > cfg.max_mem_pct:
+            reasons.append(f"memory {used:.0f}% > MAX_MEM_PCT {cfg.max_mem_pct:g}%")
+    if cfg.max_cpu_pct < 100.0:
+        before = sampler.sample()
+        time.sleep(GOVERNOR_SAMPLE_S)
+        cpu = sampler.system_cpu_pct(before, sampler.sample())
+        if cpu > cfg.max_cpu_pct:
+            reasons.append(f"CPU {cpu:.0f}% > MAX_CPU_PCT {cfg.max_cpu_pct:g}%")
+    return "; ".join(reasons) or None
+
+
+def govern(machine: "Machine", stage: str, sampler: Any) -> StageOutcome | None:
+    """Hold the stage while the system is over its CPU/memory limits (design.md §6).
+
+    Returns None when the stage may start, or the outcome that ends it (stopped, or failed after
+    MAX_WALL_TIME_MINUTES of waiting).
+    """
+    cfg = machine.config
+    if cfg.max_cpu_pct >= 100.0 and cfg.max_mem_pct >= 100.0:
+        return None
+    started = time.monotonic()
+    last_event = None
+    limit_s = cfg.max_wall_time_minutes * 60.0
+    while True:
+        reason = _system_busy(cfg, sampler)
+        if reason is None:
+            return None
+        waited = time.monotonic() - started
+        if waited >= limit_s:
+            return StageOutcome(ok=False, error=f"system stayed busy for {cfg.max_wall_time_minutes:g} "
+                                f"min (MAX_WALL_TIME_MINUTES): {reason}",
+                                output_tail=f"governor gave up waiting: {reason}")
+        if last_event is None or time.monotonic() - last_event >= THROTTLE_EVENT_EVERY_S:
+            machine._emit("pipeline_throttled", f"holding {stage}: {reason}", stage=stage, level="warn")
+            machine._save()
+            last_event = time.monotonic()
+        if machine.stop_requested():
+            return StageOutcome(ok=False, stopped=True, error="stopped")
+        time.sleep(min(1.0, max(0.05, limit_s - waited)))
+
+
+def run_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+    """Run one stage for real and describe how it went; never raises for a stage's own failure."""
+    cfg = machine.config
+    state = machine.state or {}
+    sampler = procstat.Sampler()
+    held = govern(machine, stage, sampler)
+    if held is not None:
+        return held
+    for path in (cfg.data_dir, cfg.eval_dir, os.path.join(cfg.logs_dir, f"round_{round_}")):
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    counters: dict[str, int] = {}
+    if stage == "train":
+        try:
+            _, _, n_train, n_val = split_round(cfg, round_)
+        except (ValueError, OSError) as exc:
+            return StageOutcome(ok=False, error=str(exc)[:200], output_tail=str(exc))
+        counters = {"train_samples": n_train, "val_samples": n_val}
+    stage_cfg = cfg.stages[stage]
+    values = placeholders(cfg, round_)
+    values["run_id"] = state.get("run_id") or ""
+    argv = build_argv(stage_cfg.command, values)
+    env = child_env(cfg, stage, round_, values["run_id"], stage_cfg.env)
+    log = StageLog(os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log"),
+                   default_redactor().redact)
+    before = sampler.sample()
+    try:
+        result = run_supervised(argv, cwd=cfg.out_dir, env=env, timeout_s=stage_cfg.timeout_s,
+                                grace_s=cfg.kill_grace_s, on_output=log.write,
+                                should_stop=machine.stop_requested)
+    finally:
+        log.close()
+    after = sampler.sample()
+    wall_s = max(result.wall_ms / 1000.0, 1e-6)
+    usage = {
+        "memory_mb_delta": round((sampler.mem_available_kb(before) - sampler.mem_available_kb(after)) / 1024.0, 3),
+        "cpu_pct": round(100.0 * (result.cpu_user_s + result.cpu_sys_s) / wall_s, 2),
+        "system_mem_available_kb_delta": sampler.mem_available_kb(after) - sampler.mem_available_kb(before),
+        "system_cpu_pct": round(sampler.system_cpu_pct(before, after), 2),
+        "wall_ms": round(result.wall_ms, 3),
+        "peak_rss_kb": int(result.peak_rss_kb),
+        "cpu_user_s": round(result.cpu_user_s, 3),
+        "cpu_sys_s": round(result.cpu_sys_s, 3),
+        "output_bytes": int(result.output_bytes),
+    }
+    tail = log.tail(OUTPUT_TAIL_CHARS)
+    if result.spawn_error:
+        tail = result.spawn_error
+    artifacts = [os.path.relpath(p, cfg.out_dir) for p in _outputs(argv, cfg.out_dir)
+                 if os.path.exists(p)] if result.ok else []
+    return StageOutcome(ok=result.ok, usage_delta=usage, counters_delta=counters,
+                        artifact_paths=artifacts, error=None if result.ok else result.describe(),
+                        output_tail=tail, stopped=result.stopped)
+
+
+def _outputs(argv: list[str], out_dir: str) -> list[str]:
+    """The paths a stage was asked to write (the argument after --output)."""
+    paths = []
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--output":
+            paths.append(value if os.path.isabs(value) else os.path.join(out_dir, value))
+    return paths
