@@ -1,0 +1,142 @@
+"""Secret redaction, pure-Python twin of _redact_c: same API, same output for every input.
+
+A rule's regex runs only when one of its keywords occurs in the lowercased text (_redact_rules).
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+
+from heidi._fast import _redact_rules as _rules
+
+__all__ = ("RULE_NAMES", "Redactor", "default_redactor", "redact", "reset_default_redactor")
+
+RULE_NAMES: tuple[str, ...] = tuple(rule[0] for rule in _rules.RULES)
+
+
+_GATE_CHARS = 3
+
+
+def _compile(rule: tuple[str, str, tuple[str, ...], str, int]
+             ) -> tuple[re.Pattern[str], str, tuple[tuple[str, tuple[str, ...]], ...]]:
+    _name, placeholder, keywords, pattern, flags = rule
+    regex = re.compile(pattern, flags)
+    template = placeholder
+    if "pre" in regex.groupindex:
+        template = r"\g<pre>" + template
+    if "post" in regex.groupindex:
+        template += r"\g<post>"
+    # Keywords grouped by their first chars: one absent gate rules out its whole group ("tok"
+    # stands for "token=", "token:", ...), so clean text costs a few searches per rule, not dozens.
+    gates: dict[str, list[str]] = {}
+    for keyword in keywords:
+        gates.setdefault(keyword[:_GATE_CHARS], []).append(keyword)
+    return regex, template, tuple((gate, tuple(group)) for gate, group in gates.items())
+
+
+_COMPILED = tuple(_compile(rule) for rule in _rules.RULES)
+_ANSI = re.compile(_rules.ANSI_PATTERN)
+_PEM_BEGIN = re.compile(_rules.PEM_BEGIN_PATTERN)
+_PEM_END = re.compile(_rules.PEM_END_PATTERN)
+
+
+def _any_keyword(gates: tuple[tuple[str, tuple[str, ...]], ...], lowered: str) -> bool:
+    for gate, keywords in gates:
+        if gate in lowered:
+            for keyword in keywords:
+                if keyword in lowered:
+                    return True
+    return False
+
+
+def _line_ending(line: str) -> str:
+    if line.endswith("\r\n"):
+        return "\r\n"
+    return "\n" if line.endswith("\n") else ""
+
+
+class Redactor:
+    """Replaces secrets in text with placeholders naming their kind ([GITHUB_TOKEN], [SECRET] ...).
+
+    `env` (default os.environ, read now) supplies literal secrets: the values of variables whose
+    names look secret (HF_TOKEN, DB_PASSWORD, OPENAI_API_KEY ...) become [ENV_SECRET] anywhere.
+    """
+
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        self._env_values = _rules.secret_env_values(os.environ if env is None else env)
+
+    def redact(self, text: str) -> str:
+        """`text` with ANSI escapes stripped and every secret replaced; clean text is returned as is."""
+        if not isinstance(text, str):
+            raise TypeError(f"redact() takes str, not {type(text).__name__}")
+        if "\x1b" in text:
+            text = _ANSI.sub("", text)
+        for value in self._env_values:
+            if value in text:
+                text = text.replace(value, _rules.ENV_PLACEHOLDER)
+        lowered = text.lower()
+        for regex, template, gates in _COMPILED:
+            if not _any_keyword(gates, lowered):
+                continue
+            new_text, count = regex.subn(template, text)
+            if count:
+                # A placeholder can bring a later rule's keyword in ("[GITHUB_TOKEN]" has "token").
+                text = new_text
+                lowered = text.lower()
+        return text
+
+    def redact_lines(self, lines: Iterable[str]) -> Iterator[str]:
+        """Redact a stream of lines, hiding private-key blocks that span lines.
+
+        A line that opens a `-----BEGIN ... PRIVATE KEY-----` block without closing it comes out
+        as what preceded BEGIN + "[PRIVATE_KEY]" + its line ending; the body lines and the END line
+        emit nothing (text after END on that line is emitted, redacted). A block never closed
+        suppresses everything to the end of the stream.
+        """
+        in_block = False
+        for line in lines:
+            if "\x1b" in line:
+                line = _ANSI.sub("", line)
+            if in_block:
+                end = _PEM_END.search(line)
+                if end is None:
+                    continue
+                in_block = False
+                line = line[end.end():]
+                if not line.strip():
+                    continue
+            begin = None
+            if "-----BEGIN" in line:
+                # The last BEGIN decides: one closed earlier on the line is redact()'s business.
+                for begin in _PEM_BEGIN.finditer(line):
+                    pass
+            if begin is not None and _PEM_END.search(line, begin.end()) is None:
+                in_block = True
+                yield (self.redact(line[:begin.start()]) + _rules.PRIVATE_KEY_PLACEHOLDER
+                       + _line_ending(line))
+            else:
+                yield self.redact(line)
+
+
+_default: Redactor | None = None
+
+
+def default_redactor() -> Redactor:
+    """The Redactor built from os.environ on first use, then cached."""
+    global _default
+    redactor = _default
+    if redactor is None:
+        redactor = _default = Redactor()
+    return redactor
+
+
+def reset_default_redactor() -> None:
+    """Forget the cached default Redactor (the environment changed); the next use rebuilds it."""
+    global _default
+    _default = None
+
+
+def redact(text: str) -> str:
+    """`text` redacted by the default Redactor (environment secrets from os.environ)."""
+    return default_redactor().redact(text)

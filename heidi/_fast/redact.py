@@ -1,0 +1,27 @@
+"""Secret redaction: the compiled `_redact_c` unless it is absent or HEIDI_NO_EXTENSIONS is set.
+
+Other code imports from here only; `_redact_py` is the same API in pure Python (the reference).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import no_extensions
+
+__all__ = ("COMPILED", "RULE_NAMES", "Redactor", "default_redactor", "redact",
+           "reset_default_redactor")
+
+if TYPE_CHECKING:
+    from ._redact_py import RULE_NAMES, Redactor, default_redactor, redact, reset_default_redactor
+    COMPILED = False
+else:
+    try:
+        if no_extensions():
+            raise ImportError("HEIDI_NO_EXTENSIONS is set")
+        from ._redact_c import (RULE_NAMES, Redactor, default_redactor, redact,
+                                reset_default_redactor)
+        COMPILED = True
+    except ImportError:
+        from ._redact_py import (RULE_NAMES, Redactor, default_redactor, redact,
+                                 reset_default_redactor)
+        COMPILED = False
