@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = cmd("verify", "strictly check a journal: schema, chain and head")
     p.add_argument("path", nargs="?", metavar="PATH", help="events.jsonl or a run directory")
     p.add_argument("--json", action="store_true")
+    p = cmd("daemon", "run the loop and serve the local HTTP API (foreground unless --detach)")
+    p.add_argument("--host", help="address to bind (default: $HEIDI_HOST or 127.0.0.1)")
+    p.add_argument("--port", help="port (default: $HEIDI_PORT or 8080; 0 picks a free one)")
+    p.add_argument("--mode", choices=MODES, help="mode of the run the daemon starts, if it starts one")
+    p.add_argument("--detach", action="store_true", help="double-fork into the background")
+    p.add_argument("--pid-file", metavar="FILE", help="pid file (default with --detach: OUT_DIR/heidi.pid)")
+    p.add_argument("--log-file", metavar="FILE", help="with --detach (default: OUT_DIR/daemon.log)")
     p = sub.add_parser("redact", help="copy FILE (or stdin) to stdout with secrets redacted")
     p.add_argument("file", nargs="?", metavar="FILE")
     p = sub.add_parser("version", help="print the version")
@@ -245,6 +252,13 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from .daemon import run_daemon  # http.server only when serving
+    cfg = _config(args, HEIDI_HOST=args.host, HEIDI_PORT=args.port)
+    return run_daemon(cfg, args.mode, detach=args.detach, pid_file=args.pid_file,
+                      log_file=args.log_file)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .example import write_example
     written = write_example(args.dir, force=args.force)
@@ -255,7 +269,8 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_status,
             "stop": cmd_action, "pause": cmd_action, "resume": cmd_action, "train-now": cmd_action,
-            "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init}
+            "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init,
+            "daemon": cmd_daemon}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -232,6 +232,10 @@ class Machine:
             self._save()
         self.state = state
         self.journal.round = state["current_round"]
+        if state["status"] == "running" and state["state"] == "IDLE" and state["current_round"] == 0:
+            # The starting process died between pipeline_start and round_start: finish the start.
+            self._advance_round()
+            self._save()
 
     def _journal_run_id(self) -> str:
         last, _ = read_tail(self.config.journal_path)
@@ -289,15 +293,20 @@ class Machine:
         mode = mode or cfg.mode
         if mode not in MODES:
             raise RefusedError(f"mode {mode!r}: must be one of {', '.join(MODES)}")
+        run_id = cfg.run_id or new_run_id(self.clock.now())
         if self.state is not None:
             if self.state["status"] in ACTIVE_STATUSES:
                 raise RefusedError(f"run {self.state['run_id']} is already {self.state['status']} "
                                    f"(state {self.state['state']}); stop it first or use another --out-dir")
-            self._archive()
-        run_id = cfg.run_id or new_run_id(self.clock.now())
+            if run_id == self.state["run_id"]:
+                # checked before archiving: a refused start leaves the finished run where it is
+                raise RefusedError(f"RUN_ID={run_id!r}: the finished run in {cfg.out_dir} has this "
+                                   "id; choose another")
         if os.path.exists(os.path.join(cfg.out_dir, "runs", run_id)):
             raise RefusedError(f"RUN_ID={run_id!r}: a finished run with this id is archived in "
                                f"{os.path.join(cfg.out_dir, 'runs', run_id)}; choose another")
+        if self.state is not None:
+            self._archive()
         self.state = empty_state()
         self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync)
         self._emit("pipeline_start", f"Starting training pipeline (mode={mode}, rounds={cfg.rounds}, "
@@ -317,7 +326,11 @@ class Machine:
         dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
         os.makedirs(dest, mode=0o700, exist_ok=True)
         keep = {"heidi.lock", "runs", "control", "heidi.toml", "heidi.pid"}
-        for name in sorted(os.listdir(cfg.out_dir)):
+        # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
+        # a journal to rebuild the state from, or no run at all (never a state without its journal)
+        names = sorted(os.listdir(cfg.out_dir),
+                       key=lambda n: (n != "state.json", n == "events.jsonl", n))
+        for name in names:
             if name in keep:
                 continue
             os.rename(os.path.join(cfg.out_dir, name), os.path.join(dest, name))

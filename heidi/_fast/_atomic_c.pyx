@@ -45,7 +45,7 @@ cdef _raise(str what, bytes path=None):
     raise OSError(err, strerror(err).decode(), os.fsdecode(path))
 
 
-def write_all(int fd, const unsigned char[:] data):
+def write_all(int fd, const unsigned char[:] data not None):
     """Write every byte of data to fd (write(2) may write less than asked)."""
     cdef int rc
     cdef Py_ssize_t size = data.shape[0]
@@ -80,6 +80,8 @@ def atomic_write(path, data, int mode=0o600, bint fsync=True):
     dirname, base = os.path.split(bpath)
     cdef bytes btmp = os.path.join(dirname, b".%s.%d.%d.tmp" % (base, getpid(), _counter))
     _counter += 1
+    if data is None:  # a typed memoryview would take None as empty data and blank the file
+        raise TypeError("a bytes-like object is required, not 'NoneType'")
     cdef const unsigned char[:] view = data
     cdef const char *ctmp = btmp
     cdef const char *cpath = bpath
