@@ -1,0 +1,174 @@
+"""Every module imports on its own in a fresh interpreter (catches import cycles; PyInstaller needs
+it), and `heidi version --verbose` tells truthfully which _fast modules are compiled."""
+from __future__ import annotations
+
+import glob
+import importlib.machinery
+import os
+import subprocess
+import sys
+
+import orjson
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PKG = os.path.join(ROOT, "heidi")
+FAST = os.path.join(PKG, "_fast")
+
+
+def _env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEIDI_")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _require_compiled() -> bool:
+    return os.environ.get("HEIDI_REQUIRE_EXTENSIONS", "") not in ("", "0")
+
+
+def _python_modules() -> list[str]:
+    """heidi.* modules from .py files, in every package directory (not build/ leftovers)."""
+    names = []
+    for dirpath, dirnames, filenames in os.walk(PKG):
+        dirnames[:] = sorted(d for d in dirnames
+                             if os.path.exists(os.path.join(dirpath, d, "__init__.py")))
+        rel = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            mod = name[:-3]
+            names.append(rel if mod == "__init__" else f"{rel}.{mod}")
+    return names
+
+
+def _compiled_modules() -> list[str]:
+    """heidi._fast._X_c extensions built in place."""
+    names = set()
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        for path in glob.glob(os.path.join(FAST, "*" + suffix)):
+            names.add("heidi._fast." + os.path.basename(path).split(".", 1)[0])
+    return sorted(names)
+
+
+def _selectors() -> list[str]:
+    """_fast modules that have a selector (chain.py, redact.py, ...)."""
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(FAST, "*.py"))
+                  if not os.path.basename(p).startswith("_"))
+
+
+def _has_compiled(name: str) -> bool:
+    return f"heidi._fast._{name}_c" in _compiled_modules()
+
+
+def _pyx_twins() -> list[str]:
+    return sorted(os.path.basename(p)[1:-len("_c.pyx")]
+                  for p in glob.glob(os.path.join(FAST, "_*_c.pyx")))
+
+
+def test_module_list_is_complete():
+    modules = _python_modules()
+    for expected in ("heidi", "heidi.__main__", "heidi.cli", "heidi.journal", "heidi._fast",
+                     "heidi._fast.chain", "heidi._fast._chain_py", "heidi._fast._atomic_py"):
+        assert expected in modules
+    assert not any(".build" in m for m in modules)
+
+
+@pytest.mark.parametrize("module", [m for m in _python_modules() if m != "heidi.__main__"]
+                         + _compiled_modules())
+def test_module_imports_alone(module):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
+                            text=True, env=_env(), cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_main_module_alone_runs_cli():
+    result = subprocess.run([sys.executable, "-m", "heidi", "version"], capture_output=True,
+                            text=True, env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("heidi ")
+
+
+def _version_verbose(**env: str) -> dict[str, str]:
+    result = subprocess.run([sys.executable, "-m", "heidi", "version", "--verbose"],
+                            capture_output=True, text=True, env=_env(**env), timeout=60)
+    assert result.returncode == 0, result.stderr
+    kinds = {}
+    for line in result.stdout.splitlines():
+        if line.startswith("heidi._fast."):
+            name, _, kind = line[len("heidi._fast."):].partition(": ")
+            kinds[name] = kind
+    return kinds
+
+
+def test_version_verbose_lists_every_fast_module_compiled():
+    kinds = _version_verbose()
+    expected = {name: "compiled" if _has_compiled(name) else "pure-python"
+                for name in _selectors()}
+    assert kinds == expected
+    assert {"chain", "atomic"} <= set(kinds)
+
+
+def test_version_verbose_pure_python_when_disabled():
+    kinds = _version_verbose(HEIDI_NO_EXTENSIONS="1")
+    assert kinds == {name: "pure-python" for name in _selectors()}
+
+
+def test_version_json_modules():
+    result = subprocess.run([sys.executable, "-m", "heidi", "version", "--json"],
+                            capture_output=True, text=True, env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    info = orjson.loads(result.stdout)
+    assert info["modules"] == {name: "compiled" if _has_compiled(name) else "pure-python"
+                               for name in _selectors()}
+
+
+def test_compiled_modules_really_load():
+    """Where a compiled twin is importable, the selector uses it (COMPILED is True); with
+    HEIDI_REQUIRE_EXTENSIONS set (CI), every .pyx twin must be built and loaded."""
+    twins = [name for name in _pyx_twins() if name in _selectors()]
+    assert "chain" in twins and "atomic" in twins
+    script = (
+        "import importlib, json\n"
+        f"out = {{}}\n"
+        f"for name in {twins!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(f'heidi._fast._{name}_c')\n"
+        "        importable = True\n"
+        "    except ImportError:\n"
+        "        importable = False\n"
+        "    sel = importlib.import_module(f'heidi._fast.{name}')\n"
+        "    out[name] = [importable, sel.COMPILED]\n"
+        "print(json.dumps(out))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=_env(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    status = orjson.loads(result.stdout)
+    for name, (importable, compiled) in status.items():
+        if _require_compiled():
+            assert importable, f"heidi._fast._{name}_c is not built"
+        assert compiled is importable, name
+    # the one the brief singles out
+    chain_importable, chain_compiled = status["chain"]
+    if chain_importable:
+        assert chain_compiled is True
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=_env(HEIDI_NO_EXTENSIONS="1"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert all(compiled is False for _, compiled in orjson.loads(result.stdout).values())
+
+
+def test_compiled_chain_in_this_process():
+    try:
+        importlib.import_module("heidi._fast._chain_c")
+    except ImportError:
+        if _require_compiled():
+            raise
+        pytest.skip("compiled chain not built")
+    from heidi._fast import chain
+    if os.environ.get("HEIDI_NO_EXTENSIONS", "") not in ("", "0"):
+        assert chain.COMPILED is False
+    else:
+        assert chain.COMPILED is True
+        assert chain.verify_stream.__module__ == "heidi._fast._chain_c"
