@@ -8,11 +8,18 @@ from datetime import datetime, timezone
 from .errors import ConfigError
 
 
+_last_second: list = [None, ""]  # one strftime per distinct second: events come in bursts
+
+
 def format_ts(epoch_s: float) -> str:
     """UTC ISO-8601 with milliseconds and Z, as the journal's `ts`: 2026-02-20T07:45:38.307Z."""
     ms = int(round(epoch_s * 1000))
     secs, ms = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+    cache = _last_second
+    if cache[0] != secs:
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        cache[0] = secs
+    return f"{cache[1]}.{ms:03d}Z"
 
 
 def parse_ts(text: str) -> float:

@@ -5,6 +5,7 @@ torn last line (kept aside, never silently), redacts before writing and batches 
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -36,10 +37,12 @@ def _numbers(name: str, delta: Mapping[str, Any] | None) -> dict:
         return {}
     out = {}
     for key, value in delta.items():
-        if type(value) not in (int, float):
-            raise TypeError(f"{name}[{key!r}] must be a number, not {type(value).__name__}")
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"{name}[{key!r}] must be finite")
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                raise ValueError(f"{name}[{key!r}] must be finite")
+        elif kind is not int:
+            raise TypeError(f"{name}[{key!r}] must be a number, not {kind.__name__}")
         out[str(key)] = value
     return out
 

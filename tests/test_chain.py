@@ -13,6 +13,9 @@ import pytest
 import heidi
 from heidi import journal as journal_mod
 
+CHAIN_BROKEN = ("prev_hash does not match the previous line (chain broken: that line was changed, "
+                "or lines were deleted, swapped or inserted before this one)")
+
 # The two-line events.jsonl fragment of walkthrough.md, byte for byte (design.md §3.1).
 VECTOR_LINE_1 = (
     '{"event_version":"1.0","ts":"2026-02-20T07:45:38.307Z","run_id":"test_cpp_run_123","round":1,'
@@ -208,7 +211,7 @@ def test_verify_stream_lines_split_across_reads(fast_impl, step):
     with pytest.raises(mod.JournalError) as info:
         mod.verify_stream(_Trickle(damaged, step))
     assert (info.value.line_no, info.value.reason) == (
-        5, "prev_hash does not match the previous line (chain broken)")
+        5, CHAIN_BROKEN)
 
 
 def test_journal_error_text_names_line(fast_impl):
@@ -277,7 +280,7 @@ REJECTIONS = [
     (_raw(_event(prev_hash=_H.upper().replace("0", "A"))), _H, None,
      "prev_hash is not a lowercase hex SHA-256"),
     (_raw(_event(prev_hash="1" * 64)), _H, None,
-     "prev_hash does not match the previous line (chain broken)"),
+     CHAIN_BROKEN),
     (_raw(_event(message="x" * (1 << 20))), None, None, "line longer than 1048576 bytes"),
     (_raw(_event())[:-1], None, None, "last line is cut off (no newline)"),
     (b"", None, None, "last line is cut off (no newline)"),
@@ -336,8 +339,8 @@ def test_verify_stream_names_the_bad_line(fast_impl):
         mod.verify_stream(io.BytesIO(b"".join(lines)))
     # line 4 itself is well-formed; its edit breaks the link from line 5
     assert (info.value.line_no, info.value.reason) == (
-        5, "prev_hash does not match the previous line (chain broken)")
-    assert str(info.value) == "line 5: prev_hash does not match the previous line (chain broken)"
+        5, CHAIN_BROKEN)
+    assert str(info.value) == "line 5: " + CHAIN_BROKEN
 
 
 def test_verify_stream_torn_tail_and_long_unterminated_line(fast_impl):

@@ -14,7 +14,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "verify_run_1"
-CHAIN_BROKEN = "prev_hash does not match the previous line (chain broken)"
+CHAIN_BROKEN = ("prev_hash does not match the previous line (chain broken: that line was changed, "
+                "or lines were deleted, swapped or inserted before this one)")
 CANONICAL = "not in canonical form (extra whitespace, other escaping or duplicate keys)"
 
 

@@ -5,7 +5,7 @@ The verify loop splits the buffer with memchr and checks fields with C-level typ
 JSON parsing is orjson's and hashing hashlib's (OpenSSL), as in the twin.
 """
 import hashlib
-import re
+import json
 
 import orjson
 
@@ -16,7 +16,7 @@ from cpython.dict cimport PyDict_Size
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
            "check_event", "parse_line", "check_line", "verify_stream"]
-HIDDEN_IMPORTS = ("hashlib", "re", "orjson")
+HIDDEN_IMPORTS = ("hashlib", "json", "orjson")
 
 KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
         "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
@@ -35,10 +35,82 @@ cdef object _sha256 = hashlib.sha256
 cdef object _loads = orjson.loads
 cdef object _dumps = orjson.dumps
 cdef object _DecodeError = orjson.JSONDecodeError
-cdef object _TS_MATCH = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z").match
-cdef object _RUN_ID_MATCH = re.compile(r"[A-Za-z0-9._-]{1,128}\Z").match
-cdef object _HEX64_MATCH = re.compile(r"[0-9a-f]{64}\Z").match
-cdef object _NAME_MATCH = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z").match
+
+
+# Field formats checked with C loops over the str (the twin uses the equivalent regexes).
+cdef inline bint _is_digit(Py_UCS4 c):
+    return c >= u'0' and c <= u'9'
+
+
+cdef bint _ts_ok(str s):
+    # 2026-02-20T07:45:38.307Z
+    cdef Py_ssize_t i
+    cdef Py_UCS4 c
+    if len(s) != 24:
+        return False
+    for i in range(24):
+        c = s[i]
+        if i == 4 or i == 7:
+            if c != u'-':
+                return False
+        elif i == 10:
+            if c != u'T':
+                return False
+        elif i == 13 or i == 16:
+            if c != u':':
+                return False
+        elif i == 19:
+            if c != u'.':
+                return False
+        elif i == 23:
+            if c != u'Z':
+                return False
+        elif not _is_digit(c):
+            return False
+    return True
+
+
+cdef bint _name_ok(str s, Py_ssize_t max_len):
+    # 1..max_len characters of [A-Za-z0-9._-]
+    cdef Py_ssize_t n = len(s)
+    cdef Py_UCS4 c
+    if n < 1 or n > max_len:
+        return False
+    for c in s:
+        if not (_is_digit(c) or (c >= u'a' and c <= u'z') or (c >= u'A' and c <= u'Z')
+                or c == u'.' or c == u'_' or c == u'-'):
+            return False
+    return True
+
+
+cdef bint _hex64_ok(str s):
+    cdef Py_UCS4 c
+    if len(s) != 64:
+        return False
+    for c in s:
+        if not (_is_digit(c) or (c >= u'a' and c <= u'f')):
+            return False
+    return True
+
+
+
+class _Constant(Exception):
+    pass
+
+
+def _raise_constant(name):
+    raise _Constant(name)
+
+
+def _nan_literal(line):
+    """True when the line is JSON but for a NaN/Infinity literal (only asked on the error path)."""
+    try:
+        json.loads(line, parse_constant=_raise_constant)
+    except _Constant:
+        return True
+    except ValueError:
+        return False
+    return False
 
 
 class JournalError(ValueError):
@@ -86,10 +158,10 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
     if d["event_version"] != "1.0":
         return f"event_version {d['event_version']!r}, expected '1.0'"
     ts = d["ts"]
-    if type(ts) is not str or _TS_MATCH(ts) is None:
+    if type(ts) is not str or not _ts_ok(<str>ts):
         return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
     rid = d["run_id"]
-    if type(rid) is not str or _RUN_ID_MATCH(rid) is None:
+    if type(rid) is not str or not _name_ok(<str>rid, 128):
         return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
     if run_id is not None and rid != run_id:
         return f"run_id {rid!r} differs from the journal's run {run_id!r}"
@@ -97,10 +169,10 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
     if type(rnd) is not int or rnd < 0:
         return "round is not a non-negative integer"
     value = d["stage"]
-    if type(value) is not str or _NAME_MATCH(value) is None:
+    if type(value) is not str or not _name_ok(<str>value, 64):
         return "stage is not a name of 1-64 characters [A-Za-z0-9_.-]"
     value = d["event_type"]
-    if type(value) is not str or _NAME_MATCH(value) is None:
+    if type(value) is not str or not _name_ok(<str>value, 64):
         return "event_type is not a name of 1-64 characters [A-Za-z0-9_.-]"
     if d["level"] not in _LEVELS:
         return "level is not one of info, warn, error, success, critical"
@@ -130,9 +202,10 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
         if prev != rid:
             return "first event's prev_hash is not its run_id (wrong genesis)"
     elif prev != expected_prev:
-        if _HEX64_MATCH(prev) is None:
+        if not _hex64_ok(<str>prev):
             return "prev_hash is not a lowercase hex SHA-256"
-        return "prev_hash does not match the previous line (chain broken)"
+        return ("prev_hash does not match the previous line (chain broken: that line was changed, "
+                "or lines were deleted, swapped or inserted before this one)")
     return None
 
 
@@ -153,7 +226,7 @@ cdef tuple _parse(bytes line):
         text = str(exc)
         if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
             return None, "invalid UTF-8"
-        if b"NaN" in line or b"Infinity" in line:
+        if _nan_literal(line):
             return None, "NaN/Infinity is not valid JSON"
         return None, f"invalid JSON ({text})"
     canon = <bytes>_dumps(obj)

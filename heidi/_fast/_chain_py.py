@@ -5,6 +5,7 @@ Same API as the compiled `_chain_c`; `heidi/_fast/chain.py` picks one.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import BinaryIO
 
@@ -24,10 +25,29 @@ MAX_ERROR_CHARS = 200
 MAX_ARTIFACT_CHARS = 100
 READ_CHUNK_BYTES = 1 << 20
 
-_TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
+_TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z\Z")
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
+class _Constant(Exception):
+    pass
+
+
+def _raise_constant(name):
+    raise _Constant(name)
+
+
+def _nan_literal(line):
+    """True when the line is JSON but for a NaN/Infinity literal (only asked on the error path)."""
+    try:
+        json.loads(line, parse_constant=_raise_constant)
+    except _Constant:
+        return True
+    except ValueError:
+        return False
+    return False
 
 
 class JournalError(ValueError):
@@ -124,7 +144,8 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
     elif prev != expected_prev:
         if not _HEX64_RE.match(prev):
             return "prev_hash is not a lowercase hex SHA-256"
-        return "prev_hash does not match the previous line (chain broken)"
+        return ("prev_hash does not match the previous line (chain broken: that line was changed, "
+                "or lines were deleted, swapped or inserted before this one)")
     return None
 
 
@@ -140,7 +161,7 @@ def parse_line(line: bytes) -> tuple[object, str | None]:
         text = str(exc)
         if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
             return None, "invalid UTF-8"
-        if b"NaN" in line or b"Infinity" in line:
+        if _nan_literal(line):
             return None, "NaN/Infinity is not valid JSON"
         return None, f"invalid JSON ({text})"
     if orjson.dumps(obj) != line[:-1]:
