@@ -325,7 +325,7 @@ class Machine:
         cfg = self.config
         dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
         os.makedirs(dest, mode=0o700, exist_ok=True)
-        keep = {"heidi.lock", "runs", "control", "heidi.toml", "heidi.pid"}
+        keep = {"heidi.lock", "runs", "control", "heidi.toml", "heidi.pid", "daemon.json", "daemon.log"}
         # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
         # a journal to rebuild the state from, or no run at all (never a state without its journal)
         names = sorted(os.listdir(cfg.out_dir),
