@@ -129,7 +129,8 @@ class Core:
         assert self.config is not None
         return self.config
 
-    def start(self, mode: str = "full") -> str:
+    def start(self, mode: str | None = None) -> str:
+        """Begin a run in mode ("full" or "collect"; default: HEIDI_MODE, else full)."""
         return _dumps(start(self._cfg(), mode))
 
     def tick(self, max_steps: int = 1) -> str:

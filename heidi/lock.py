@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 
 from .errors import RunLocked
+
+# lock_holder() (heidi status, the daemon's status) tests the lock by taking a shared flock for a few
+# microseconds; a non-blocking acquire that meets such a probe tries again after these pauses, so a
+# status probe never makes a tick exit 75 or a stop get queued with nobody to apply it.
+_PROBE_RETRY_DELAYS_S = (0.0005, 0.001, 0.002)
 
 
 class RunLock:
@@ -17,7 +23,17 @@ class RunLock:
     def acquire(self, blocking: bool = False) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            if blocking:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                for delay_s in _PROBE_RETRY_DELAYS_S + (None,):
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if delay_s is None:
+                            raise
+                        time.sleep(delay_s)
         except BlockingIOError:
             os.close(fd)
             raise RunLocked(f"{self.path}: another heidi process holds this run") from None
