@@ -109,7 +109,7 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     state["updated_at"] = event["ts"]
     if event["counters_delta"]:
         _add(state["counters"], event["counters_delta"])
-    if event["usage_delta"] and kind != "script_success":  # stage_end repeats its usage
+    if event["usage_delta"]:
         _add(state["usage"], event["usage_delta"])
     if kind == "pipeline_start":
         match = _START_RE.search(event["message"])
@@ -129,6 +129,9 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
                      stage_status="running")
     elif kind == "stage_interrupted":
         state["stage_status"] = "pending"
+    elif kind == "script_success":
+        # The stage's work is done: a crash before stage_end must not run it again.
+        state["stage_status"] = "succeeded"
     elif kind == "stage_end":
         stage_state = STATE_OF[event["stage"]]
         outcome = "failed" if event["level"] == "warn" else "ok"
@@ -364,8 +367,13 @@ class Machine:
         self.apply_requests()
         if state["state"] in ("IDLE", "ERROR") or state["paused"]:
             return False
-        if state["stage_status"] == "done":
-            self._advance_round()
+        if state["stage_status"] in ("succeeded", "done"):
+            # The previous holder died after the stage's work was journaled: finish, don't redo.
+            if state["stage_status"] == "succeeded":
+                self._emit("stage_end", f"Finished {state['current_stage']}",
+                           stage=state["current_stage"])
+            if state["stage_status"] == "done":
+                self._advance_round()
             self._save()
             return True
         if state["stage_status"] == "running":
@@ -393,7 +401,7 @@ class Machine:
             self._emit("script_success", f"{stage} succeeded", stage=stage, level="success",
                        usage_delta=outcome.usage_delta, counters_delta=outcome.counters_delta,
                        artifact_paths=outcome.artifact_paths)
-            self._emit("stage_end", f"Finished {stage}", stage=stage, usage_delta=outcome.usage_delta)
+            self._emit("stage_end", f"Finished {stage}", stage=stage)
         elif machine_state == "EVALUATING":
             self._emit("stage_end", f"eval failed, the loop goes on: {outcome.output_tail[-300:]}",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta,

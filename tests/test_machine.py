@@ -174,14 +174,15 @@ def test_full_mode_two_rounds_exact_sequence(tmp_path):
     for e in body:
         assert e["level"] == {"stage_start": "info", "script_success": "success",
                               "stage_end": "info"}[e["event_type"]]
-        if e["event_type"] != "stage_start":
+        if e["event_type"] == "script_success":
             assert set(e["usage_delta"]) >= {"memory_mb_delta", "cpu_pct",
                                              "system_mem_available_kb_delta", "system_cpu_pct"}
     assert [e["round"] for e in evs if e["event_type"] == "round_start"] == [1, 2]
     assert evs[-1]["level"] == "success" and evs[-1]["round"] == 2
     state = check_run(cfg)
-    # usage: every stage's delta counted once (script_success repeats stage_end's)
-    total = sum(e["usage_delta"]["cpu_pct"] for e in evs if e["event_type"] == "stage_end")
+    # usage: every stage's delta counted once (script_success carries it, stage_end nothing)
+    assert all(e["usage_delta"] == {} for e in evs if e["event_type"] == "stage_end")
+    total = sum(e["usage_delta"]["cpu_pct"] for e in evs if e["event_type"] == "script_success")
     assert state["usage"]["cpu_pct"] == pytest.approx(total)
 
     # a completed run: ticks do nothing
@@ -807,6 +808,45 @@ def test_stage_running_left_by_a_dead_holder_is_rerun(tmp_path, mock):
     cleaned = [k for j, k in enumerate(kinds)
                if j != attempt and k not in ("state_recovered", "stage_interrupted")]
     assert cleaned == expected_full(1)
+    check_run(cfg)
+
+
+def test_holder_dying_after_script_success_does_not_redo_the_stage(tmp_path, monkeypatch):
+    """script_success is journaled: the next holder writes the missing stage_end, never re-runs
+    (a train stage may have taken hours)."""
+    cfg = make_config(tmp_path, ROUNDS=1)
+    real_emit = Machine._emit
+
+    def dies_before_stage_end(self, event_type, message="", **kw):
+        if event_type == "stage_end" and kw.get("stage") == "train":
+            raise KeyboardInterrupt  # killed between script_success and stage_end
+        return real_emit(self, event_type, message, **kw)
+
+    with Machine(cfg) as m:
+        m.start()
+        while m.state["state"] != "FINALIZING":
+            m.tick()
+        monkeypatch.setattr(Machine, "_emit", dies_before_stage_end)
+        with pytest.raises(KeyboardInterrupt):
+            m.tick()
+    monkeypatch.setattr(Machine, "_emit", real_emit)
+    assert types(cfg)[-1] == "script_success"
+    ran = []
+
+    def counting(machine, stage, r):
+        ran.append(stage)
+        return mock_stage(machine, stage, r)
+
+    with Machine(cfg, stage_runner=counting) as m:
+        assert m.tick()
+        assert ran == []  # train was not run again
+        assert m.state["state"] == "EVALUATING"
+        while m.tick():
+            pass
+    assert ran == ["eval"]
+    kinds = [k for k in types(cfg) if k != "state_recovered"]
+    assert kinds == expected_full(1)
+    assert kinds.count("script_success") == 4  # generate, validate, train, eval: once each
     check_run(cfg)
 
 
