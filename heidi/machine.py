@@ -286,7 +286,6 @@ class Machine:
         assert self.journal is not None and self.state is not None
         self.journal.sync()
         self.state["round"] = self.state["current_round"]
-        self.state["pending_requests"] = [a for _, a in control.pending(self.config.control_dir)]
         self.status_writer.write(self.state)
 
     # -- starting a run ------------------------------------------------------------------
