@@ -1,0 +1,194 @@
+"""Where a stage's output goes: redacted line by line into its log file and a bounded tail.
+
+`StageLog(path, redact).write` is the on_output callback of `heidi._fast.supervise`; memory stays
+bounded however much a stage prints, and nothing reaches the file before it is redacted.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+from collections.abc import Callable
+
+__all__ = ("StageLog", "MAX_LINE_BYTES")
+
+# A "line" longer than this (a progress bar redrawn with \r, a binary dump) is flushed as is,
+# without a newline added, so that memory stays bounded.
+MAX_LINE_BYTES = 64 * 1024
+
+# Redaction is per line, so a private key block spanning lines needs state here: its BEGIN line
+# would be redacted but the base64 lines after it, on their own, look like nothing. The patterns
+# follow heidi/_fast/_redact_rules.py.
+_PEM_BEGIN = re.compile(r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+_PEM_END = re.compile(r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
+# What may sit inside a PEM block: base64, blank lines, RFC 1421 headers (Proc-Type: ...).
+_PEM_BODY = re.compile(r"[A-Za-z0-9+/=]*|[A-Za-z-]+: ?.*")
+PRIVATE_KEY_PLACEHOLDER = "[PRIVATE_KEY]"
+
+
+def _utf8_cut(data: bytes | bytearray, limit: int) -> int:
+    """Largest cut <= limit that does not split a UTF-8 sequence (if data is UTF-8 at all)."""
+    cut = limit
+    for back in range(1, 4):
+        if limit - back < 0:
+            break
+        byte = data[limit - back]
+        if byte & 0xC0 == 0x80:
+            continue  # continuation byte: keep looking for the lead byte
+        if byte & 0xC0 == 0xC0:
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            if back < need:
+                cut = limit - back  # the sequence would be cut: leave it for the next piece
+        break
+    return cut if cut > 0 else limit
+
+
+def _makedirs_private(path: str) -> None:
+    # os.makedirs gives mode only to the leaf: every directory created here is 0700, since logs
+    # of a run are nobody else's business. Existing directories are left as they are.
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+
+
+class StageLog:
+    """Redacts a stage's output line by line, appends it to `path` (0600, parent dirs 0700;
+    None = no file) and keeps the last `tail_bytes` characters for error events.
+
+    A write error on the file (disk full) does not interrupt the stage: the file stops, the tail
+    goes on, and `error` says what happened."""
+
+    def __init__(self, path: str | None, redact: Callable[[str], str],
+                 tail_bytes: int = 64 * 1024) -> None:
+        self._redact = redact
+        self._partial = bytearray()
+        self._tail: collections.deque[str] = collections.deque()
+        self._tail_chars = 0
+        self._tail_max = max(0, int(tail_bytes))
+        self._in_key = False
+        self._closed = False
+        self._fd = -1
+        self.path = path
+        self.error: str | None = None
+        self.bytes_in = 0
+        if path is not None:
+            _makedirs_private(os.path.dirname(os.path.abspath(path)))
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    # -- the on_output callback
+
+    def write(self, chunk: bytes) -> None:
+        if self._closed:
+            raise ValueError("write to a closed StageLog")
+        if not chunk:
+            return
+        self.bytes_in += len(chunk)
+        partial = self._partial
+        if b"\n" not in chunk and len(partial) + len(chunk) <= MAX_LINE_BYTES:
+            partial += chunk  # a line written in many small pieces: amortized, no re-splitting
+            return
+        data = bytes(partial) + chunk if partial else chunk
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        out: list[str] = []
+        for line in lines:
+            self._line(line, "\n", out)
+        while len(rest) > MAX_LINE_BYTES:
+            cut = _utf8_cut(rest, MAX_LINE_BYTES)
+            self._line(rest[:cut], "", out)
+            rest = rest[cut:]
+        self._partial = bytearray(rest)
+        if out:
+            self._emit(out)
+
+    def close(self) -> None:
+        """Flush the last, unterminated line and close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._partial:
+                out: list[str] = []
+                self._line(bytes(self._partial), "", out)
+                self._partial = bytearray()
+                if out:
+                    self._emit(out)
+        finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+    def __enter__(self) -> StageLog:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def tail(self, max_chars: int) -> str:
+        """The last max_chars characters of redacted output (complete lines only until close)."""
+        if max_chars <= 0:
+            return ""
+        text = "".join(self._tail)
+        return text[-max_chars:]
+
+    # -- internals
+
+    def _line(self, raw: bytes, end: str, out: list[str]) -> None:
+        text = raw.decode("utf-8", "replace")
+        if self._in_key:
+            match = _PEM_END.search(text)
+            if match is not None:
+                self._in_key = False
+                text = text[match.end():]
+                if not text.strip():
+                    return
+            elif _PEM_BODY.fullmatch(text.strip()):
+                return  # key material: dropped, the BEGIN line already says [PRIVATE_KEY]
+            else:
+                self._in_key = False  # not a key body after all: an ordinary line
+        if "PRIVATE KEY" in text:
+            text = self._cut_keys(text)
+        out.append(self._redact(text) + end)
+
+    def _cut_keys(self, text: str) -> str:
+        pieces = []
+        while True:
+            begin = _PEM_BEGIN.search(text)
+            if begin is None:
+                pieces.append(text)
+                break
+            pieces.append(text[:begin.start()] + PRIVATE_KEY_PLACEHOLDER)
+            end = _PEM_END.search(text, begin.end())
+            if end is None:
+                self._in_key = True  # the block goes on over the next lines
+                break
+            text = text[end.end():]
+        return "".join(pieces)
+
+    def _emit(self, out: list[str]) -> None:
+        if self._fd >= 0:
+            data = "".join(out).encode("utf-8", "surrogateescape")
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view):]
+            except OSError as exc:
+                self.error = f"cannot write stage log {self.path}: {exc.strerror or exc}"
+                os.close(self._fd)
+                self._fd = -1
+        if self._tail_max:
+            tail = self._tail
+            for text in out:
+                tail.append(text)
+                self._tail_chars += len(text)
+            while len(tail) > 1 and self._tail_chars - len(tail[0]) >= self._tail_max:
+                self._tail_chars -= len(tail.popleft())

@@ -1,0 +1,124 @@
+"""Child programs for tests/test_supervise.py, run as `python helpers_children.py MODE ARGS...`.
+
+Modes:
+  tree PIDFILE [exit]    a stage that ignores SIGTERM and leaves grandchildren: A (same process
+                         group), and C (setsid'd, double-forked so it is reparented, stdio on
+                         /dev/null like a real daemon). Writes "main A C" to PIDFILE, prints
+                         "ready", then sleeps (or, with "exit", exits 0 at once).
+  supervisor IMPL PIDFILE WDFILE [GRACE]   a heidi stand-in: writes its watchdog's pid to WDFILE,
+                         then runs `tree PIDFILE` under run_supervised from
+                         heidi._fast._supervise_IMPL; ^C prints "interrupted", exits 130.
+  oneshot IMPL           runs /bin/true under run_supervised, prints its watchdog's pid, exits.
+  flood MB               writes MB MiB of 4 KiB lines to stdout.
+  memcheck IMPL LOGPATH MB   runs `flood MB` through StageLog(LOGPATH).write and prints the
+                         peak-RSS growth of this process in kB and the log size.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import resource
+import signal
+import sys
+import time
+
+HERE = os.path.abspath(__file__)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def tree(pidfile: str, exit_now: bool = False) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by A and C
+    pids = [os.getpid()]
+    a = os.fork()
+    if a == 0:
+        time.sleep(60)
+        os._exit(0)
+    pids.append(a)
+    r, w = os.pipe()
+    b = os.fork()
+    if b == 0:
+        os.setsid()
+        c = os.fork()
+        if c == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.write(w, str(os.getpid()).encode())
+            os.close(w)
+            time.sleep(60)
+            os._exit(0)
+        os._exit(0)  # C is orphaned: reparented to the nearest subreaper
+    os.close(w)
+    os.waitpid(b, 0)
+    pids.append(int(os.read(r, 32)))
+    _write_atomic(pidfile, " ".join(map(str, pids)))
+    print("ready", flush=True)
+    if exit_now:
+        os._exit(0)
+    time.sleep(60)
+
+
+def supervisor(impl: str, pidfile: str, wdfile: str, grace_s: str = "30") -> None:
+    mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
+    from heidi._fast import _supervise_watchdog
+    _write_atomic(wdfile, str(_supervise_watchdog.ensure_started()))
+    try:
+        mod.run_supervised([sys.executable, HERE, "tree", pidfile], timeout_s=60,
+                           grace_s=float(grace_s))
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+
+
+def oneshot(impl: str) -> None:
+    mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
+    from heidi._fast import _supervise_watchdog
+    assert mod.run_supervised(["/bin/true"]).ok
+    print(_supervise_watchdog.watchdog_pid(), flush=True)
+
+
+def flood(mb: int) -> None:
+    line = b"x" * 4000 + b" token=SECRET " + b"y" * 81 + b"\n"  # 4096 bytes
+    block = line * 256  # 1 MiB
+    out = sys.stdout.buffer
+    for _ in range(mb):
+        out.write(block)
+    out.flush()
+
+
+def memcheck(impl: str, logpath: str, mb: int) -> None:
+    mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
+    from heidi.stagelog import StageLog
+    redact = lambda text: text.replace("SECRET", "[X]")  # noqa: E731
+    warm = StageLog(None, redact)
+    mod.run_supervised([sys.executable, HERE, "flood", "2"], on_output=warm.write)
+    warm.close()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    log = StageLog(logpath, redact)
+    result = mod.run_supervised([sys.executable, HERE, "flood", str(mb)], on_output=log.write)
+    log.close()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(after - before, os.path.getsize(logpath), result.output_bytes, result.exit_code,
+          "SECRET" in log.tail(10000))
+
+
+if __name__ == "__main__":
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "tree":
+        tree(args[0], exit_now=args[1:] == ["exit"])
+    elif mode == "supervisor":
+        supervisor(*args)
+    elif mode == "oneshot":
+        oneshot(*args)
+    elif mode == "flood":
+        flood(int(args[0]))
+    elif mode == "memcheck":
+        memcheck(args[0], args[1], int(args[2]))
+    else:
+        sys.exit(f"unknown mode {mode!r}")
