@@ -150,9 +150,13 @@ def govern(machine: "Machine", stage: str, sampler: Any) -> StageOutcome | None:
 
 def run_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
     """Run one stage for real and describe how it went; never raises for a stage's own failure."""
+    with procstat.Sampler() as sampler:
+        return _run_stage(machine, stage, round_, sampler)
+
+
+def _run_stage(machine: "Machine", stage: str, round_: int, sampler: Any) -> StageOutcome:
     cfg = machine.config
     state = machine.state or {}
-    sampler = procstat.Sampler()
     held = govern(machine, stage, sampler)
     if held is not None:
         return held
