@@ -590,6 +590,10 @@ class Daemon:
         check_bind(cfg)
         apply_limits(cfg)
         machine = Machine(cfg).open()  # RunLocked: another process holds the run
+        if not cfg.mock_subprocesses:
+            # Fork the stage watchdog now, while this process is still single-threaded.
+            from ._fast.supervise import ensure_watchdog
+            ensure_watchdog()
         forced = False
         try:
             server = _make_server(cfg.host, cfg.port, self)
