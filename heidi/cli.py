@@ -8,14 +8,26 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import orjson
+if TYPE_CHECKING:
+    from .config import Config
 
-from . import core
 from ._version import __version__
-from .config import MODES, Config
 from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, HeidiError, RunLocked
+
+MODES = ("full", "collect")  # heidi.config.MODES; the CLI parses before loading the config
+
+
+class _LazyCore:
+    """heidi.core (and with it the config and the machine) loads only for commands that use it."""
+
+    def __getattr__(self, name: str):
+        from . import core as module
+        return getattr(module, name)
+
+
+core = _LazyCore()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,12 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace, **extra: Any) -> Config:
+def _config(args: argparse.Namespace, **extra: Any) -> "Config":
+    from .config import Config
     overrides = {"OUT_DIR": getattr(args, "out_dir", None), **extra}
     return Config.load(getattr(args, "config", None), overrides=overrides)
 
 
 def _print_json(obj: Any) -> None:
+    import orjson
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
@@ -200,6 +214,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise _UsageExit(f"heidi verify: {path}: no such journal")
     from .journal import JournalError
     try:
+        from .config import Config
         count, head, run_id = verify_run(cfg or Config(), path)
     except JournalError as exc:
         if args.json:

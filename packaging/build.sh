@@ -5,6 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 PYTHON="${PYTHON:-python3}"
+# Absolute, but not through symlinks: a venv's python is a link out of the venv.
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")";; esac
 export PYTHONHASHSEED=0   # reproducible builds
 # Run from packaging/ so the analysis imports the installed heidi (with its .so files).
 "$PYTHON" -m PyInstaller --version >/dev/null

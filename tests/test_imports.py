@@ -172,3 +172,9 @@ def test_compiled_chain_in_this_process():
     else:
         assert chain.COMPILED is True
         assert chain.verify_stream.__module__ == "heidi._fast._chain_c"
+
+
+def test_cli_modes_match_the_config():
+    """The CLI keeps its own copy of the modes so that parsing does not load the config."""
+    from heidi import cli, config
+    assert cli.MODES == config.MODES
