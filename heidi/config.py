@@ -160,6 +160,8 @@ DEFAULT_COMMANDS = {
              "--data", "{data_dir}/val_round_{round}.jsonl",
              "--output", "{eval_dir}/report_round_{round}.json"],
 }
+# A placeholder is {lower_case_name}; shell syntax such as ${HOME} or ${X:-y} is left alone.
+PLACEHOLDER_RE = re.compile(r"(?<!\$)\{([a-z_][a-z0-9_]*)\}")
 PLACEHOLDERS = ("python", "scripts_dir", "repo_root", "out_dir", "data_dir", "eval_dir", "logs_dir",
                 "round", "samples", "run_id", "seed", "base_model", "teacher_model")
 
@@ -347,7 +349,7 @@ def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None) ->
                 or not all(isinstance(arg, str) for arg in command)):
             raise ConfigError(f"[stages.{name}] command={command!r}: must be a non-empty list of strings")
         for arg in command:
-            for ph in re.findall(r"\{([^{}]*)\}", arg):
+            for ph in PLACEHOLDER_RE.findall(arg):
                 if ph not in PLACEHOLDERS:
                     raise ConfigError(f"[stages.{name}] command placeholder {{{ph}}}: unknown; "
                                       f"allowed: {', '.join('{' + p + '}' for p in PLACEHOLDERS)}")

@@ -23,7 +23,7 @@ ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train
 def tick(config: Config, steps: int = 1) -> dict[str, Any]:
     """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
     apply_limits(config)
-    with Machine(config) as machine:
+    with Machine(config).open(create=False) as machine:
         machine.require_run()
         for _ in range(steps):
             if not machine.tick():
@@ -68,7 +68,7 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
     Returns ("applied" | "queued", status view). RefusedError when it does not apply.
     """
     try:
-        machine = Machine(config).open()
+        machine = Machine(config).open(create=False)
     except RunLocked:
         state = read_state(config.state_path)
         view = status_view(state, config)

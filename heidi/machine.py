@@ -183,8 +183,13 @@ class Machine:
         self.journal: JournalWriter | None = None
 
     # -- opening, recovery ---------------------------------------------------------------
-    def open(self) -> "Machine":
-        """Take the run lock (RunLocked if held) and load the run, recovering it if needed."""
+    def open(self, create: bool = True) -> "Machine":
+        """Take the run lock (RunLocked if held) and load the run, recovering it if needed.
+
+        create=False (tick, control commands) refuses a missing OUT_DIR instead of making one.
+        """
+        if not create and not os.path.isdir(self.config.out_dir):
+            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
         os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         try:
@@ -201,7 +206,7 @@ class Machine:
         self.lock.release()
 
     def __enter__(self) -> "Machine":
-        return self.open()
+        return self if self.lock.held else self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()

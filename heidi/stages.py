@@ -14,6 +14,7 @@ from ._fast import procstat
 from ._fast.atomic import atomic_write
 from ._fast.redact import default_redactor
 from ._fast.supervise import run_supervised
+from .config import PLACEHOLDER_RE
 from .machine import StageOutcome
 from .stagelog import StageLog
 
@@ -42,9 +43,7 @@ def build_argv(template: list[str], values: dict[str, str]) -> list[str]:
         if arg == "{python}":
             argv.extend(shlex.split(values["python"]))
             continue
-        for key, value in values.items():
-            arg = arg.replace("{" + key + "}", value)
-        argv.append(arg)
+        argv.append(PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], arg))
     return argv
 
 

@@ -222,6 +222,14 @@ def test_no_run(heidi):
     assert proc.returncode == 0 and orjson.loads(proc.stdout)["status"] == "none"
 
 
+def test_tick_and_actions_do_not_create_a_missing_out_dir(heidi, tmp_path):
+    missing = tmp_path / "nowhere"
+    for cmd in ("tick", "stop", "pause", "resume", "train-now"):
+        proc = heidi(cmd, "--out-dir", str(missing), out_dir=False)
+        assert proc.returncode == 1 and "no run" in one_line(proc.stderr), cmd
+        assert not missing.exists(), cmd
+
+
 def test_lock_held_by_another_process(heidi):
     heidi("start")
     lock_path = os.path.join(heidi.out_dir, "heidi.lock")

@@ -393,3 +393,14 @@ def test_build_argv_fills_placeholders():
     values = {"python": "uv run python", "round": "3", "data_dir": "/d"}
     assert build_argv(["{python}", "x.py", "--in", "{data_dir}/r_{round}.jsonl"], values) == [
         "uv", "run", "python", "x.py", "--in", "/d/r_3.jsonl"]
+
+
+def test_shell_syntax_in_a_command_is_not_a_placeholder(tmp_path):
+    toml = tmp_path / "heidi.toml"
+    toml.write_text('[stages.generate]\ncommand = ["/bin/sh", "-c", "echo ${HOME} ${X:-y} {round}"]\n')
+    cfg = Config.load(str(toml), environ={}, overrides={"OUT_DIR": str(tmp_path)})
+    argv = build_argv(cfg.stages["generate"].command, {"round": "4"})
+    assert argv == ["/bin/sh", "-c", "echo ${HOME} ${X:-y} 4"]
+    toml.write_text('[stages.generate]\ncommand = ["x", "{rounds}"]\n')  # a typo is caught
+    with pytest.raises(Exception, match="placeholder"):
+        Config.load(str(toml), environ={}, overrides={"OUT_DIR": str(tmp_path)})
