@@ -1,0 +1,62 @@
+"""Start-up time of the CLI (design.md §10): `heidi version` beside the bare interpreter start it
+cannot avoid, and the frozen one-file / one-folder binaries when packaging/build.sh made them.
+
+Run: python -m pytest bench/bench_startup.py --benchmark-only -q -s
+Targets: frozen onedir well under 100 ms, onefile well under 200 ms (printed, not asserted).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONEFILE = os.path.join(ROOT, "dist", "heidi")
+ONEDIR = os.path.join(ROOT, "dist", "heidi-dir", "heidi")
+ENV = {**os.environ, "PYTHONPATH": ROOT}
+COMMANDS = {
+    "python -c pass (floor)": [sys.executable, "-c", "pass"],
+    "python -m heidi version": [sys.executable, "-m", "heidi", "version"],
+    "python -m heidi status": [sys.executable, "-m", "heidi", "status", "--out-dir", "/nonexistent-heidi-bench"],
+    "frozen onefile: heidi version": [ONEFILE, "version"],
+    "frozen onedir: heidi version": [ONEDIR, "version"],
+}
+_MEDIANS: dict[str, float] = {}
+
+
+def _run(argv: list[str]) -> None:
+    subprocess.run(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_startup(benchmark, name):
+    argv = COMMANDS[name]
+    if not os.path.exists(argv[0]):
+        pytest.skip(f"{argv[0]} not built (packaging/build.sh, HEIDI_ONEDIR=1 for onedir)")
+    benchmark.group = "start-up"
+    benchmark.pedantic(_run, args=(argv,), rounds=15, iterations=1, warmup_rounds=2)
+    # interleave-free but same-run median, for the ratio report below
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        _run(argv)
+        times.append(time.perf_counter() - t0)
+    _MEDIANS[name] = statistics.median(times)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report():
+    yield
+    if not _MEDIANS:
+        return
+    floor = _MEDIANS.get("python -c pass (floor)")
+    print("\nstart-up, median of 15 runs:")
+    for name, value in _MEDIANS.items():
+        ratio = f"  {value / floor:.2f}x the bare interpreter" if floor else ""
+        target = {"frozen onefile: heidi version": 0.200, "frozen onedir: heidi version": 0.100}.get(name)
+        verdict = f"  (target < {target * 1000:.0f} ms: {'met' if value < target else 'NOT MET'})" if target else ""
+        print(f"  {name:34s} {value * 1000:7.1f} ms{ratio}{verdict}")
