@@ -17,7 +17,9 @@ import heidi
 from heidi.errors import StateError
 from heidi.journal import JournalWriter, read_events, read_tail, verify_journal
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_helpers import clean_env as _env
+from cli_helpers import heidi_cli
+
 KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
         "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")
@@ -27,28 +29,6 @@ GITHUB_TOKEN = "ghp_" + "A" * 36  # built here so no secret-shaped literal sits 
 
 def identity(text: str) -> str:
     return text
-
-
-def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEIDI_", "RUN_", "OUT_DIR"))}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-_CWD: list[str] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _empty_cwd(tmp_path_factory):
-    """The CLI runs in an empty directory, so no stray ./heidi.toml changes its settings."""
-    _CWD[:] = [str(tmp_path_factory.mktemp("cwd"))]
-    yield
-
-
-def heidi_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "heidi", *args], capture_output=True, text=True,
-                          env=_env(**env), cwd=_CWD[0], timeout=60)
 
 
 def _lines(path) -> list[bytes]:

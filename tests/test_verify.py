@@ -6,39 +6,16 @@ import hashlib
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import orjson
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cli_helpers import heidi_cli
+
 RUN = "verify_run_1"
 CHAIN_BROKEN = ("prev_hash does not match the previous line (chain broken: that line was changed, "
                 "or lines were deleted, swapped or inserted before this one)")
 CANONICAL = "not in canonical form (extra whitespace, other escaping or duplicate keys)"
-
-
-def _env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEIDI_", "RUN_", "OUT_DIR"))}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-_CWD: list[str] = []
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _empty_cwd(tmp_path_factory):
-    """The CLI runs in an empty directory, so no stray ./heidi.toml changes its settings."""
-    _CWD[:] = [str(tmp_path_factory.mktemp("cwd"))]
-    yield
-
-
-def heidi_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "heidi", *args], capture_output=True, text=True,
-                          env=_env(**env), cwd=_CWD[0], timeout=60)
 
 
 @pytest.fixture(scope="module")
