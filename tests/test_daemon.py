@@ -342,15 +342,6 @@ def test_detach(tmp_path):
 
 # -- a real stage: HTTP answers while it runs, and a stop ends it ----------------------------------
 
-def _real_stages_available() -> bool:
-    try:
-        import heidi.stages  # noqa: F401  (needs the supervisor, stagelog and procstat)
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _real_stages_available(), reason="real stage runner not available yet")
 def test_http_responsive_while_a_stage_runs_and_stop_ends_it(start_daemon, tmp_path):
     (tmp_path / "heidi.toml").write_text(textwrap.dedent("""\
         [stages.generate]
