@@ -248,7 +248,12 @@ class Config:
                 raw, source = overrides[name], "flag"
             if source is not None:
                 explicit.add(name)
-            values[attr] = parse(name, raw) if raw is not None else None
+            try:
+                values[attr] = parse(name, raw) if raw is not None else None
+            except ConfigError as exc:
+                if source == "file":  # say where to fix it
+                    raise ConfigError(f"{exc} (set in {path})") from None
+                raise
         if values["repo_root"] is None:
             base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
             values["repo_root"] = base
