@@ -213,8 +213,20 @@ class Machine:
 
     def _load(self) -> None:
         cfg = self.config
-        state = read_state(cfg.state_path)
         journal_exists = os.path.exists(cfg.journal_path) and os.path.getsize(cfg.journal_path) > 0
+        try:
+            state = read_state(cfg.state_path)
+            if state is not None and not isinstance(state.get("journal"), dict):
+                raise StateError(f"{cfg.state_path}: not a heidi state (no journal head)")
+        except StateError:
+            if not journal_exists:
+                raise
+            # state.json is derived from the journal: keep the damaged copy, rebuild the state.
+            n = 1
+            while os.path.exists(f"{cfg.state_path}.corrupt-{n}"):
+                n += 1
+            os.rename(cfg.state_path, f"{cfg.state_path}.corrupt-{n}")
+            state = None
         if state is None and not journal_exists:
             self.state = None
             return

@@ -998,3 +998,34 @@ def test_fsync_on_full_run(tmp_path):
     assert view["status"] == "completed"
     assert types(core.config) == expected_full(2)
     check_run(core.config)
+
+
+@pytest.mark.parametrize("damage", [b"{garbage", b"[1, 2]", b'{"run_id": "x"}', b""])
+def test_damaged_state_json_is_kept_aside_and_rebuilt(tmp_path, damage):
+    cfg = make_config(tmp_path, ROUNDS=1)
+    with Machine(cfg) as m:
+        m.start()
+        m.tick()
+    before = read_state(cfg.state_path)
+    with open(cfg.state_path, "wb") as fh:
+        fh.write(damage)
+    with Machine(cfg) as m:
+        assert m.state["state"] == before["state"] and m.state["run_id"] == before["run_id"]
+        while m.tick():
+            pass
+    with open(cfg.state_path + ".corrupt-1", "rb") as fh:
+        assert fh.read() == damage  # the damaged file is kept, not lost
+    assert "state_recovered" in types(cfg)
+    assert read_state(cfg.state_path)["status"] == "completed"
+    check_run(cfg)
+
+
+def test_damaged_state_json_without_a_journal_is_an_error(tmp_path):
+    cfg = make_config(tmp_path)
+    os.makedirs(cfg.out_dir)
+    with open(cfg.state_path, "wb") as fh:
+        fh.write(b"{garbage")
+    with pytest.raises(heidi.StateError, match="not valid JSON"):
+        Machine(cfg).open()
+    with open(cfg.state_path, "rb") as fh:
+        assert fh.read() == b"{garbage"
