@@ -1,8 +1,8 @@
 """Mock-mode transitions of the state machine against the bare syscalls they must make (design.md §10).
 
 A transition (one tick in mock mode) journals its events and replaces state.json. Its floor, measured
-in the same run, is exactly that I/O done by hand: an os.write per journal line (the same bytes the
-machine wrote) to an O_APPEND fd, then a tmp-file write + rename of a state.json of the same size;
+in the same run, is exactly that I/O done by hand: one os.write of the transition's journal lines
+(the same bytes the machine wrote) to an O_APPEND fd, then a tmp-file write + rename of a state.json of the same size;
 with fsync, also fsync of the journal, of the tmp file and of the directory. Target (fsync off):
 at most 1.5x the floor and well under 1 ms per transition. Nothing is asserted about times.
 
@@ -94,7 +94,7 @@ def io_profile(fsync: bool) -> tuple[list[list[bytes]], bytes]:
 
 
 def floor_run(out_dir: str, groups: list[list[bytes]], state: bytes, fsync: bool) -> None:
-    """The bare syscalls of the transitions: appends, tmp write + rename (+ the three fsyncs)."""
+    """The bare syscalls of the transitions: one append, tmp write + rename (+ the three fsyncs)."""
     os.makedirs(out_dir, exist_ok=True)
     journal = os.open(os.path.join(out_dir, "events.jsonl"),
                       os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -103,8 +103,9 @@ def floor_run(out_dir: str, groups: list[list[bytes]], state: bytes, fsync: bool
     tmp = os.path.join(out_dir, ".state.json.tmp")
     try:
         for lines in groups:
-            for line in lines:
-                os.write(journal, line)
+            # heidi appends a transition's lines with one write(2) (design.md §10: "append +
+            # tmp-write + rename"), so the floor does too.
+            os.write(journal, b"".join(lines))
             if fsync:
                 os.fsync(journal)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)

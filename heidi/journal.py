@@ -87,7 +87,8 @@ class JournalWriter:
 
     def __init__(self, path: str, run_id: str, clock: Clock | None = None,
                  redact: Callable[[str], str] | None = None, fsync: bool = True,
-                 head: tuple[int, str | None] | None = None, round: int = 0) -> None:
+                 head: tuple[int, str | None] | None = None, round: int = 0,
+                 batch: bool = False) -> None:
         if redact is None:
             from ._fast.redact import redact as default_redact
             redact = default_redact
@@ -98,6 +99,11 @@ class JournalWriter:
         self.fsync = fsync
         self.round = round
         self.repaired: str | None = None
+        self.last_event: dict[str, Any] | None = None
+        # batch=True holds a transition's lines until sync() and writes them with one write(2);
+        # a crash before then loses only events that no state.json refers to yet.
+        self.batch = batch
+        self._pending: list[bytes] = []
         self._dirty = False
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o700, exist_ok=True)
@@ -166,18 +172,37 @@ class JournalWriter:
             path = redact(_clean_str(str(path)))
             paths.append(path if len(path) <= _chain.MAX_ARTIFACT_CHARS
                          else "…" + path[-(_chain.MAX_ARTIFACT_CHARS - 1):])
-        line = _chain.encode_event(
-            self.clock.iso(), self.run_id, self.round if round is None else round, stage, level,
-            event_type, message, _numbers("counters_delta", counters_delta),
-            _numbers("usage_delta", usage_delta), paths, error, self.prev_hash)
-        _atomic.write_all(self._fd, line)
+        ts = self.clock.iso()
+        round_ = self.round if round is None else round
+        counters = _numbers("counters_delta", counters_delta)
+        usage = _numbers("usage_delta", usage_delta)
+        line = _chain.encode_event(ts, self.run_id, round_, stage, level, event_type, message,
+                                   counters, usage, paths, error, self.prev_hash)
+        # The event exactly as written (redacted, truncated), for callers that fold it.
+        self.last_event = {
+            "event_version": _chain.EVENT_VERSION, "ts": ts, "run_id": self.run_id,
+            "round": round_, "stage": stage, "level": level, "event_type": event_type,
+            "message": message, "counters_delta": counters, "usage_delta": usage,
+            "artifact_paths": paths, "error": error, "prev_hash": self.prev_hash}
+        if self.batch:
+            self._pending.append(line)
+        else:
+            _atomic.write_all(self._fd, line)
         self.prev_hash = _chain.line_hash(line)
         self.count += 1
         self._dirty = True
         return line
 
+    def flush(self) -> None:
+        """Write the lines held back in batch mode (one write(2) for all of them)."""
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            _atomic.write_all(self._fd, data)
+
     def sync(self) -> None:
         """Make every append since the last sync durable (one fsync for a whole transition)."""
+        self.flush()
         if self._dirty and self.fsync:
             os.fsync(self._fd)
         self._dirty = False

@@ -236,6 +236,7 @@ class Machine:
         run_id = state["run_id"] if state else self._journal_run_id()
         head = state.get("journal", {}) if state else {}
         self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync,
+                                     batch=True,
                                      head=(head.get("events", 0), head.get("head")) if state else None,
                                      round=state.get("current_round", 0) if state else 0)
         repaired = self.journal.repaired is not None
@@ -293,7 +294,7 @@ class Machine:
         assert self.journal is not None and self.state is not None
         line = self.journal.emit(event_type, message, **kw)
         # Fold what was written (redacted, truncated): replay must give the same state.
-        apply_event(self.state, _EventView(line))
+        apply_event(self.state, self.journal.last_event)
         head = self.state["journal"]
         head["events"] = self.journal.count
         head["head"] = self.journal.prev_hash
@@ -327,7 +328,8 @@ class Machine:
         if self.state is not None:
             self._archive()
         self.state = empty_state()
-        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync)
+        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync,
+                                     batch=True)
         self._emit("pipeline_start", f"Starting training pipeline (mode={mode}, rounds={cfg.rounds}, "
                    f"run_unit_tests={int(cfg.run_unit_tests)})")
         self._emit("round_start", "Starting round 1", round=1)
@@ -485,14 +487,6 @@ class Machine:
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return status_view(self.state, self.config)
-
-
-class _EventView(dict):
-    """The fields of a just-written line, parsed back so the state folds exactly what was written."""
-
-    def __init__(self, line: bytes) -> None:
-        import orjson
-        super().__init__(orjson.loads(line))
 
 
 def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:

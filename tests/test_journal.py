@@ -342,3 +342,20 @@ def test_verify_journal_against_expected_head(journal):
     with pytest.raises(heidi.JournalError) as info:
         verify_journal(journal, (3, head))
     assert info.value.line_no == 3 and "state.json" in info.value.reason
+
+
+def test_batch_mode_writes_a_transition_in_one_go(tmp_path):
+    path = tmp_path / "events.jsonl"
+    writer = heidi.JournalWriter(str(path), RUN, clock=heidi.MockClock("2026-02-20T07:45:38.307Z"),
+                                 redact=identity, fsync=False, batch=True)
+    writer.emit("pipeline_start", "one")
+    writer.emit("round_start", "two", round=1)
+    assert path.read_bytes() == b""  # held back until the transition ends
+    assert writer.last_event["message"] == "two" and writer.last_event["round"] == 1
+    writer.sync()
+    first = path.read_bytes()
+    assert first.count(b"\n") == 2
+    writer.emit("stage_start", "three", stage="generate")
+    writer.close()  # closing writes what is held back
+    assert path.read_bytes().startswith(first) and path.read_bytes().count(b"\n") == 3
+    assert heidi.verify_journal(str(path))[0] == 3
