@@ -8,18 +8,22 @@ from datetime import datetime, timezone
 from .errors import ConfigError
 
 
-_last_second: list = [None, ""]  # one strftime per distinct second: events come in bursts
+_last: list = [None, "", None, ""]  # (second, its text, ms, its text): events come in bursts
 
 
 def format_ts(epoch_s: float) -> str:
     """UTC ISO-8601 with milliseconds and Z, as the journal's `ts`: 2026-02-20T07:45:38.307Z."""
-    ms = int(round(epoch_s * 1000))
-    secs, ms = divmod(ms, 1000)
-    cache = _last_second
+    total_ms = int(round(epoch_s * 1000))
+    cache = _last
+    if cache[2] == total_ms:
+        return cache[3]
+    secs, ms = divmod(total_ms, 1000)
     if cache[0] != secs:
         cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
         cache[0] = secs
-    return f"{cache[1]}.{ms:03d}Z"
+    text = f"{cache[1]}.{ms:03d}Z"
+    cache[2], cache[3] = total_ms, text
+    return text
 
 
 def parse_ts(text: str) -> float:

@@ -5,9 +5,12 @@ torn last line (kept aside, never silently), redacts before writing and batches 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Any, Callable, Iterable, Mapping
+
+import orjson
 
 from ._fast import atomic as _atomic
 from ._fast import chain as _chain
@@ -176,19 +179,20 @@ class JournalWriter:
         round_ = self.round if round is None else round
         counters = _numbers("counters_delta", counters_delta)
         usage = _numbers("usage_delta", usage_delta)
-        line = _chain.encode_event(ts, self.run_id, round_, stage, level, event_type, message,
-                                   counters, usage, paths, error, self.prev_hash)
-        # The event exactly as written (redacted, truncated), for callers that fold it.
-        self.last_event = {
+        # The event exactly as written (redacted, truncated), kept for callers that fold it.
+        # Encoded as chain.encode_event does (the same dict through orjson), built only once.
+        event = {
             "event_version": _chain.EVENT_VERSION, "ts": ts, "run_id": self.run_id,
             "round": round_, "stage": stage, "level": level, "event_type": event_type,
             "message": message, "counters_delta": counters, "usage_delta": usage,
             "artifact_paths": paths, "error": error, "prev_hash": self.prev_hash}
+        line = orjson.dumps(event) + b"\n"
+        self.last_event = event
         if self.batch:
             self._pending.append(line)
         else:
             _atomic.write_all(self._fd, line)
-        self.prev_hash = _chain.line_hash(line)
+        self.prev_hash = hashlib.sha256(line).hexdigest()
         self.count += 1
         self._dirty = True
         return line
