@@ -411,3 +411,46 @@ def test_verify_detects_tampering(heidi):
     assert proc.returncode == 1
     assert one_line(proc.stdout).startswith("line 4:")
     assert read_state(os.path.join(heidi.out_dir, "state.json"))["journal"]["events"] == len(lines)
+
+
+def _run_on_a_terminal(argv, env, cwd):
+    """Run argv with stdout on a pseudo-terminal; returns (exit code, everything it printed)."""
+    import pty
+    import select as _select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        try:
+            os.chdir(cwd)
+            os.execve(argv[0], argv, env)
+        finally:
+            os._exit(127)
+    chunks = []
+    while True:
+        ready, _, _ = _select.select([fd], [], [], 60)
+        if not ready:
+            break
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), b"".join(chunks).decode()
+
+
+def test_run_shows_live_progress_on_a_terminal_only(heidi):
+    code, out = _run_on_a_terminal([sys.executable, "-m", "heidi", "run", "--out-dir", heidi.out_dir],
+                                   heidi.env, heidi.cwd)
+    assert code == 0
+    assert "\r[round 1/2] COLLECTING (generate)" in out  # the live line, rewritten in place
+    assert "[round 2/2] EVALUATING (eval)" in out
+    assert out.rstrip().splitlines()[-1].startswith("run run_")  # then one summary line
+    assert "completed" in out.rstrip().splitlines()[-1]
+    # not a terminal: quiet
+    heidi("start")  # a new run (the last one completed)
+    proc = heidi("run")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
