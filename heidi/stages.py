@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._fast import procstat
 from ._fast.atomic import atomic_write
-from ._fast.redact import default_redactor
+from ._fast.redact import Redactor
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
 from .machine import StageOutcome
@@ -173,8 +173,10 @@ def _run_stage(machine: "Machine", stage: str, round_: int, sampler: Any) -> Sta
     values["run_id"] = state.get("run_id") or ""
     argv = build_argv(stage_cfg.command, values)
     env = child_env(cfg, stage, round_, values["run_id"], stage_cfg.env)
+    # The stage's own environment (heidi.toml's [stages.X] env included) decides which values
+    # are secrets: a key handed only to this stage is still kept out of its log.
     log = StageLog(os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log"),
-                   default_redactor().redact)
+                   Redactor(env=env).redact)
     before = sampler.sample()
     try:
         result = run_supervised(argv, cwd=cfg.out_dir, env=env, timeout_s=stage_cfg.timeout_s,

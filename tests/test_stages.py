@@ -404,3 +404,17 @@ def test_shell_syntax_in_a_command_is_not_a_placeholder(tmp_path):
     toml.write_text('[stages.generate]\ncommand = ["x", "{rounds}"]\n')  # a typo is caught
     with pytest.raises(Exception, match="placeholder"):
         Config.load(str(toml), environ={}, overrides={"OUT_DIR": str(tmp_path)})
+
+
+def test_a_secret_given_only_to_the_stage_is_kept_out_of_its_log(pipeline):
+    secret = "stage-only-" + "k3y" * 6
+    pipeline.toml(f"""
+        [stages.generate]
+        command = ["{{python}}", "-c", "import os; print('key is', os.environ['MY_SERVICE_TOKEN']); raise SystemExit(2)"]
+        env = {{ MY_SERVICE_TOKEN = "{secret}" }}
+    """)
+    res = pipeline.cli("run")
+    assert res.returncode == 1
+    log = (pipeline.out_dir / "logs" / "round_1" / "generate.log").read_text()
+    assert "key is [ENV_SECRET]" in log and secret not in log
+    assert secret not in (pipeline.out_dir / "events.jsonl").read_text()
