@@ -64,7 +64,7 @@ def ratio_report(request):
 def _interleaved_spawn(rounds: int = 300) -> dict[str, float]:
     """The same three spawns taken in turn, so that load from other processes (which drifts
     between pytest-benchmark's consecutive runs) weighs on all three alike: a cross-check."""
-    fns = {"bare": _bare_spawn}
+    fns = {"bare": _bare_spawn, "bare+capture": _bare_spawn_captured}
     for name, module in IMPLS.items():
         if module is not None:
             fns[name] = lambda run=module.run_supervised: run([TRUE])
@@ -120,6 +120,24 @@ def _write_report(reporter, interleaved: dict[str, float]) -> None:
 
 def _bare_spawn() -> None:
     pid = os.posix_spawn(TRUE, [TRUE], os.environ)
+    os.waitpid(pid, 0)
+
+
+def _bare_spawn_captured() -> None:
+    """Context for the ratio, not the target's baseline: what spawning with supervision's bare
+    necessities costs (own session, stdin /dev/null, output through a pipe read to EOF)."""
+    read_fd, write_fd = os.pipe()
+    try:
+        pid = os.posix_spawn(TRUE, [TRUE], os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, write_fd, 1), (os.POSIX_SPAWN_DUP2, write_fd, 2)])
+    finally:
+        os.close(write_fd)
+    try:
+        while os.read(read_fd, 65536):
+            pass
+    finally:
+        os.close(read_fd)
     os.waitpid(pid, 0)
 
 
