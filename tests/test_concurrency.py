@@ -19,6 +19,7 @@ import pytest
 
 from heidi.config import Config
 from heidi.journal import read_events
+from heidi.errors import RunLocked
 from heidi.lock import lock_holder
 from heidi.machine import verify_run
 from heidi.status import read_state
@@ -330,3 +331,27 @@ def test_sigkill_during_heidi_start(tmp_path, previous_run):
         else:
             assert not os.path.exists(runs_dir)
     assert -signal.SIGKILL in outcomes
+
+
+def test_lock_holder_reads_proc_locks_without_touching_the_lock(tmp_path):
+    from heidi.lock import RunLock
+    path = str(tmp_path / "heidi.lock")
+    assert lock_holder(path) is None  # no file
+    open(path, "a").close()
+    assert lock_holder(path) is None  # free
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from heidi.lock import RunLock\n"
+        "RunLock(sys.argv[1]).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(30)\n"), path], env=heidi_env(), stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert lock_holder(path) == holder.pid
+        with pytest.raises(RunLocked):
+            RunLock(path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert lock_holder(path) is None
