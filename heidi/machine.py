@@ -360,10 +360,6 @@ class Machine:
         self.state = None
 
     # -- ticking -------------------------------------------------------------------------
-    @property
-    def has_run(self) -> bool:
-        return self.state is not None
-
     def require_run(self) -> dict[str, Any]:
         if self.state is None:
             raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")

@@ -419,3 +419,10 @@ def test_twins_give_identical_verdicts():
                 except ValueError as exc:
                     b = str(exc)
                 assert a == b
+
+
+def test_both_twins_raise_one_journal_error_class():
+    """A caller catching heidi.JournalError catches it whichever twin is in use."""
+    import heidi._fast._chain_py as py
+    c = pytest.importorskip("heidi._fast._chain_c")
+    assert py.JournalError is c.JournalError is heidi.JournalError

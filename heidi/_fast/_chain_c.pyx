@@ -5,9 +5,12 @@ The verify loop splits the buffer with memchr and checks fields with C-level typ
 JSON parsing is orjson's and hashing hashlib's (OpenSSL), as in the twin.
 """
 import hashlib
-import json
 
 import orjson
+
+from heidi._fast._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS,
+                                      MAX_ERROR_CHARS, MAX_LINE_BYTES, MAX_MESSAGE_CHARS,
+                                      JournalError, nan_literal)
 
 from libc.string cimport memchr
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
@@ -16,16 +19,8 @@ from cpython.dict cimport PyDict_Size
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
            "check_event", "parse_line", "check_line", "verify_stream"]
-HIDDEN_IMPORTS = ("hashlib", "json", "orjson")
+HIDDEN_IMPORTS = ("hashlib", "orjson", "heidi._fast._chain_types")
 
-KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
-        "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
-EVENT_VERSION = "1.0"
-LEVELS = frozenset(("info", "warn", "error", "success", "critical"))
-MAX_LINE_BYTES = 1 << 20
-MAX_MESSAGE_CHARS = 500
-MAX_ERROR_CHARS = 200
-MAX_ARTIFACT_CHARS = 100
 DEF READ_CHUNK_BYTES = 1 << 20
 DEF C_MAX_LINE = 1 << 20
 
@@ -92,34 +87,6 @@ cdef bint _hex64_ok(str s):
             return False
     return True
 
-
-
-class _Constant(Exception):
-    pass
-
-
-def _raise_constant(name):
-    raise _Constant(name)
-
-
-def _nan_literal(line):
-    """True when the line is JSON but for a NaN/Infinity literal (only asked on the error path)."""
-    try:
-        json.loads(line, parse_constant=_raise_constant)
-    except _Constant:
-        return True
-    except ValueError:
-        return False
-    return False
-
-
-class JournalError(ValueError):
-    """A journal line that breaks the schema or the chain; str() is 'line N: reason'."""
-
-    def __init__(self, line_no, reason):
-        super().__init__(f"line {line_no}: {reason}")
-        self.line_no = line_no
-        self.reason = reason
 
 
 def line_hash(bytes line):
@@ -226,7 +193,7 @@ cdef tuple _parse(bytes line):
         text = str(exc)
         if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
             return None, "invalid UTF-8"
-        if _nan_literal(line):
+        if nan_literal(line):
             return None, "NaN/Infinity is not valid JSON"
         return None, f"invalid JSON ({text})"
     canon = <bytes>_dumps(obj)

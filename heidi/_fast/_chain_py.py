@@ -5,7 +5,6 @@ Same API as the compiled `_chain_c`; `heidi/_fast/chain.py` picks one.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from typing import BinaryIO
 
@@ -15,48 +14,14 @@ __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHA
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
            "check_event", "parse_line", "check_line", "verify_stream"]
 
-KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
-        "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
-EVENT_VERSION = "1.0"
-LEVELS = frozenset(("info", "warn", "error", "success", "critical"))
-MAX_LINE_BYTES = 1 << 20
-MAX_MESSAGE_CHARS = 500
-MAX_ERROR_CHARS = 200
-MAX_ARTIFACT_CHARS = 100
-READ_CHUNK_BYTES = 1 << 20
+from ._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS, MAX_ERROR_CHARS,
+                           MAX_LINE_BYTES, MAX_MESSAGE_CHARS, READ_CHUNK_BYTES, JournalError,
+                           nan_literal)
 
 _TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z\Z")
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
-
-
-class _Constant(Exception):
-    pass
-
-
-def _raise_constant(name):
-    raise _Constant(name)
-
-
-def _nan_literal(line):
-    """True when the line is JSON but for a NaN/Infinity literal (only asked on the error path)."""
-    try:
-        json.loads(line, parse_constant=_raise_constant)
-    except _Constant:
-        return True
-    except ValueError:
-        return False
-    return False
-
-
-class JournalError(ValueError):
-    """A journal line that breaks the schema or the chain; str() is 'line N: reason'."""
-
-    def __init__(self, line_no: int, reason: str) -> None:
-        super().__init__(f"line {line_no}: {reason}")
-        self.line_no = line_no
-        self.reason = reason
 
 
 def line_hash(line: bytes) -> str:
@@ -161,7 +126,7 @@ def parse_line(line: bytes) -> tuple[object, str | None]:
         text = str(exc)
         if "UTF-8" in text or "utf-8" in text or "surrogate" in text:
             return None, "invalid UTF-8"
-        if _nan_literal(line):
+        if nan_literal(line):
             return None, "NaN/Infinity is not valid JSON"
         return None, f"invalid JSON ({text})"
     if orjson.dumps(obj) != line[:-1]:
