@@ -1,12 +1,13 @@
 """Child programs for tests/test_supervise.py, run as `python helpers_children.py MODE ARGS...`.
 
 Modes:
-  tree PIDFILE [exit]    a stage that ignores SIGTERM and leaves grandchildren: A (same process
-                         group), and C (setsid'd, double-forked so it is reparented, stdio on
-                         /dev/null like a real daemon). Writes "main A C" to PIDFILE, prints
-                         "ready", then sleeps (or, with "exit", exits 0 at once).
-  supervisor IMPL PIDFILE WDFILE [GRACE]   a heidi stand-in: writes its watchdog's pid to WDFILE,
-                         then runs `tree PIDFILE` under run_supervised from
+  tree PIDFILE [exit] [noenv]   a stage that ignores SIGTERM and leaves grandchildren: A (same
+                         process group), and C (setsid'd, double-forked so it is reparented, stdio
+                         on /dev/null like a real daemon; with "noenv", C execs `sleep` with an
+                         empty environment). Writes "main A C" to PIDFILE, prints "ready", then
+                         sleeps (or, with "exit", exits 0 at once).
+  supervisor IMPL PIDFILE WDFILE [GRACE [noenv]]   a heidi stand-in: writes its watchdog's pid to
+                         WDFILE, then runs `tree PIDFILE [noenv]` under run_supervised from
                          heidi._fast._supervise_IMPL; ^C prints "interrupted", exits 130.
   oneshot IMPL           runs /bin/true under run_supervised, prints its watchdog's pid, exits.
   flood MB               writes MB MiB of 4 KiB lines to stdout.
@@ -32,7 +33,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.rename(tmp, path)
 
 
-def tree(pidfile: str, exit_now: bool = False) -> None:
+def tree(pidfile: str, exit_now: bool = False, noenv: bool = False) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited by A and C
     pids = [os.getpid()]
     a = os.fork()
@@ -51,6 +52,9 @@ def tree(pidfile: str, exit_now: bool = False) -> None:
                 os.dup2(null, fd)
             os.write(w, str(os.getpid()).encode())
             os.close(w)
+            if noenv:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.execve("/bin/sh", ["sh", "-c", "trap '' TERM; exec sleep 60"], {})
             time.sleep(60)
             os._exit(0)
         os._exit(0)  # C is orphaned: reparented to the nearest subreaper
@@ -64,12 +68,13 @@ def tree(pidfile: str, exit_now: bool = False) -> None:
     time.sleep(60)
 
 
-def supervisor(impl: str, pidfile: str, wdfile: str, grace_s: str = "30") -> None:
+def supervisor(impl: str, pidfile: str, wdfile: str, grace_s: str = "30",
+               *tree_args: str) -> None:
     mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
     from heidi._fast import _supervise_watchdog
     _write_atomic(wdfile, str(_supervise_watchdog.ensure_started()))
     try:
-        mod.run_supervised([sys.executable, HERE, "tree", pidfile], timeout_s=60,
+        mod.run_supervised([sys.executable, HERE, "tree", pidfile, *tree_args], timeout_s=60,
                            grace_s=float(grace_s))
     except KeyboardInterrupt:
         print("interrupted", flush=True)
@@ -111,7 +116,7 @@ def memcheck(impl: str, logpath: str, mb: int) -> None:
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "tree":
-        tree(args[0], exit_now=args[1:] == ["exit"])
+        tree(args[0], exit_now="exit" in args[1:], noenv="noenv" in args[1:])
     elif mode == "supervisor":
         supervisor(*args)
     elif mode == "oneshot":

@@ -1,19 +1,150 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, annotation_typing=False
-"""Stage supervision, compiled twin of `_supervise_py` (same API, same watchdog).
+"""Stage supervision, compiled twin of `_supervise_py` (same API, same `_supervise_core.Stage`).
 
-The wait loop polls and reads in C with the GIL released, so a daemon's HTTP thread runs freely
-while a stage trains for hours; each chunk is read straight into a bytes object sized by FIONREAD.
+Spawning is posix_spawn called from C with the argv and environment laid out in one block and
+the GIL released (the vfork'd child runs until exec); the wait loop polls and reads in C with the
+GIL released, so a daemon's HTTP thread runs freely while a stage trains for hours; each chunk is
+read straight into a bytes object sized by FIONREAD.
 """
 import os
 
+from . import _supervise_core as _core
 from . import _supervise_watchdog as _wd
 from ._supervise_types import StageResult
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.errno cimport EINTR, errno
 from libc.math cimport INFINITY, ceil
+from libc.string cimport memcpy
 from posix.unistd cimport read as c_read
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <signal.h>
+    #include <spawn.h>
+    #include <dirent.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <sys/resource.h>
+    #include <sys/wait.h>
+    #include <unistd.h>
+
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+    #define HEIDI_CLOSEFROM 1
+    #endif
+    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 29))
+    #define HEIDI_CHDIR 1
+    #endif
+
+    #ifndef HEIDI_CLOSEFROM
+    /* Older C libraries: close, in the child, every fd above 2 that is not close-on-exec. */
+    static int heidi_add_closes(posix_spawn_file_actions_t *fa, int keep) {
+        DIR *dir = opendir("/proc/self/fd");
+        struct dirent *entry;
+        if (dir == NULL)
+            return 0;
+        while ((entry = readdir(dir)) != NULL) {
+            int fd = atoi(entry->d_name), flags;
+            if (fd <= 2 || fd == dirfd(dir) || fd == keep)
+                continue;
+            flags = fcntl(fd, F_GETFD);
+            if (flags >= 0 && !(flags & FD_CLOEXEC))
+                posix_spawn_file_actions_addclose(fa, fd);
+        }
+        closedir(dir);
+        return 0;
+    }
+    #endif
+
+    /* 1 if the children of `me`'s main thread are at most `allowed` (the watchdog), 0 if there is
+       another, -1 if that cannot be told here (no such file, or too many to look at). */
+    static int heidi_no_other_child(pid_t me, pid_t allowed) {
+        char path[64], buf[4096];
+        ssize_t n, i;
+        long pid = 0;
+        int fd, digits = 0;
+        snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)me, (int)me);
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            return -1;
+        do {
+            n = read(fd, buf, sizeof buf);
+        } while (n < 0 && errno == EINTR);
+        close(fd);
+        if (n < 0 || n == (ssize_t)sizeof buf)
+            return -1;
+        for (i = 0; i <= n; i++) {
+            if (i < n && buf[i] >= '0' && buf[i] <= '9') {
+                pid = pid * 10 + (buf[i] - '0');
+                digits = 1;
+            } else if (digits) {
+                if (pid != (long)allowed)
+                    return 0;
+                pid = 0;
+                digits = 0;
+            }
+        }
+        return 1;
+    }
+
+    /* The stage: its own session (and so process group), signals at their defaults and none
+       blocked, stdin /dev/null, stdout and stderr the output pipe, no other fd, cwd if given.
+       Returns 0 or an errno value. */
+    static int heidi_spawn(pid_t *pid, const char *path, char *const argv[], char *const envp[],
+                           const char *cwd, int out_fd) {
+        posix_spawnattr_t attr;
+        posix_spawn_file_actions_t actions;
+        sigset_t none, all;
+        int rc;
+    #ifndef HEIDI_CHDIR
+        if (cwd != NULL)
+            return ENOSYS;
+    #endif
+        sigemptyset(&none);
+        sigfillset(&all);  /* the C library leaves out its own internal signals */
+        if ((rc = posix_spawnattr_init(&attr)) != 0)
+            return rc;
+        if ((rc = posix_spawn_file_actions_init(&actions)) != 0) {
+            posix_spawnattr_destroy(&attr);
+            return rc;
+        }
+        rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK
+                                             | POSIX_SPAWN_SETSIGDEF);
+        if (rc == 0) rc = posix_spawnattr_setsigmask(&attr, &none);
+        if (rc == 0) rc = posix_spawnattr_setsigdefault(&attr, &all);
+        if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+        if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
+        if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, out_fd, 2);
+    #ifdef HEIDI_CHDIR
+        if (rc == 0 && cwd != NULL) rc = posix_spawn_file_actions_addchdir_np(&actions, cwd);
+    #endif
+    #ifdef HEIDI_CLOSEFROM
+        if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+    #else
+        if (rc == 0) rc = heidi_add_closes(&actions, out_fd);
+    #endif
+        if (rc == 0) rc = posix_spawn(pid, path, &actions, &attr, argv, envp);
+        posix_spawn_file_actions_destroy(&actions);
+        posix_spawnattr_destroy(&attr);
+        return rc;
+    }
+    """
+    int heidi_spawn(int *pid, const char *path, char **argv, char **envp, const char *cwd,
+                    int out_fd) nogil
+    int heidi_no_other_child(int me, int allowed) nogil
+    struct timeval:
+        long tv_sec
+        long tv_usec
+    struct rusage:
+        timeval ru_utime
+        timeval ru_stime
+        long ru_maxrss
+    int wait4(int pid, int *status, int options, rusage *ru) nogil
+    const int WNOHANG
 
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
@@ -36,7 +167,8 @@ cdef extern from "<sys/ioctl.h>" nogil:
 
 __all__ = ("StageResult", "run_supervised", "COMPILED")
 # Imports made here are invisible to PyInstaller's analysis of the .so: list them.
-HIDDEN_IMPORTS = ("heidi._fast._supervise_watchdog", "heidi._fast._supervise_types", "os")
+HIDDEN_IMPORTS = ("heidi._fast._supervise_core", "heidi._fast._supervise_watchdog",
+                  "heidi._fast._supervise_types", "os")
 
 COMPILED = True
 # Largest chunk handed to on_output (the output pipe holds 1 MiB).
@@ -48,10 +180,68 @@ cdef double MAX_WAIT_MS = 1000.0
 
 
 cdef inline double _now() noexcept nogil:
-    # CLOCK_MONOTONIC: the clock time.monotonic() reads, which the launch time comes from.
+    # CLOCK_MONOTONIC: the clock time.monotonic() reads, which the stage's times come from.
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef char **_string_array(list items) except NULL:
+    """NULL-terminated char* array over the bytes in items (pointing into them)."""
+    cdef Py_ssize_t n = len(items), i
+    cdef char **out = <char **>PyMem_Malloc((n + 1) * sizeof(char *))
+    if out == NULL:
+        raise MemoryError()
+    for i in range(n):
+        out[i] = PyBytes_AS_STRING(<bytes>items[i])
+    out[n] = NULL
+    return out
+
+
+cdef char **_env_block(dict env) except NULL:
+    """One allocation: the NULL-terminated array, then every "KEY=VALUE\\0" string."""
+    cdef Py_ssize_t n = len(env), size = (n + 1) * sizeof(char *), i = 0, lk, lv
+    cdef bytes key, value
+    for key, value in env.items():
+        size += PyBytes_GET_SIZE(key) + PyBytes_GET_SIZE(value) + 2
+    cdef char **out = <char **>PyMem_Malloc(size)
+    if out == NULL:
+        raise MemoryError()
+    cdef char *p = <char *>(out + n + 1)
+    for key, value in env.items():
+        lk = PyBytes_GET_SIZE(key)
+        lv = PyBytes_GET_SIZE(value)
+        out[i] = p
+        memcpy(p, PyBytes_AS_STRING(key), lk)
+        p[lk] = b'='
+        memcpy(p + lk + 1, PyBytes_AS_STRING(value), lv)
+        p[lk + 1 + lv] = 0
+        p += lk + lv + 2
+        i += 1
+    out[n] = NULL
+    return out
+
+
+def _spawn(bytes path, list argv, dict env, cwd, int out_w):
+    """posix_spawn the stage (see heidi_spawn); returns its pid or raises OSError."""
+    cdef char **c_argv = _string_array(argv)
+    cdef char **c_env
+    try:
+        c_env = _env_block(env)
+    except BaseException:
+        PyMem_Free(c_argv)
+        raise
+    cdef bytes cwd_b = cwd
+    cdef const char *c_cwd = NULL if cwd_b is None else PyBytes_AS_STRING(cwd_b)
+    cdef const char *c_path = PyBytes_AS_STRING(path)
+    cdef int pid = 0, rc
+    with nogil:
+        rc = heidi_spawn(&pid, c_path, c_argv, c_env, c_cwd, out_w)
+    PyMem_Free(c_env)
+    PyMem_Free(c_argv)
+    if rc != 0:
+        raise OSError(rc, os.strerror(rc))
+    return pid
 
 
 cdef object _read_chunk(int fd):
@@ -82,50 +272,51 @@ cdef object _read_chunk(int fd):
 def run_supervised(argv, *, cwd=None, env=None, timeout_s=None, grace_s=5.0, on_output=None,
                    should_stop=None, check_interval_s=0.25, rlimits=None):
     """Run argv as a stage and wait for it; see `heidi._fast.supervise` for the contract."""
-    _wd.check_args(timeout_s, grace_s, check_interval_s)
-    launch = _wd.launch(argv, cwd, env, rlimits, grace_s)
-    reader = _wd.StatusReader()
-    if launch.error is not None:
-        return _wd.build_result(launch, reader, timed_out=False, timeout_s=timeout_s,
-                                stopped=False, output_bytes=0)
-    cdef int out_fd = launch.out_fd
-    cdef int st_fd = launch.status_fd
+    _core.check_args(timeout_s, grace_s, check_interval_s)
+    stage = _core.Stage(argv, cwd, env, rlimits, grace_s)
+    stage.start(_spawn)
+    if stage.error is not None:
+        return stage.result(False, timeout_s, False, 0)
+    cdef int out_fd = stage.out_fd
     cdef pollfd fds[2]
     cdef int rc, timeout_ms
     cdef double now, wake
-    cdef double t0 = launch.t0
+    cdef double t0 = stage.t0
     cdef double deadline = t0 + timeout_s if timeout_s is not None else INFINITY
     cdef double interval = check_interval_s
     cdef double next_check = t0 + interval if should_stop is not None else INFINITY
     cdef double drain_until = INFINITY
-    cdef double w_deadline = INFINITY
-    cdef double grace = grace_s
-    cdef double w_silent = _wd.W_SILENT_S
-    cdef double drain_s = _wd.DRAIN_S
-    cdef bint out_open = True, st_open = True, grown = False
-    cdef Py_ssize_t pipe_full = _wd.PIPE_DEFAULT_SIZE
-    cdef bint ending = False, timed_out = False, stopped = False
+    cdef double drain_s = _core.DRAIN_S
+    cdef bint out_open = True, grown = False, pid_ready, eof
+    cdef Py_ssize_t pipe_full = _core.PIPE_DEFAULT_SIZE
+    cdef bint timed_out = False, stopped = False
     cdef long long total = 0
     cdef Py_ssize_t size
+    cdef int pid = stage.pid, me = stage.me, status = 0, clear, allowed
+    cdef rusage ru
     fds[0].fd = out_fd
     fds[0].events = POLLIN
-    fds[1].fd = st_fd
     fds[1].events = POLLIN
     try:
-        while out_open and (st_open or reader.final is not None):
+        while True:
             now = _now()
-            if reader.final is not None:
-                # The stage is over (W reports only when none of its processes is left): read
-                # what is still in the pipe, bounded in case a writer escaped.
+            if stage.finished:
+                # Nothing of the stage is left: read what is still in the pipe, bounded in case
+                # a writer escaped.
+                if not out_open:
+                    break
                 if drain_until == INFINITY:
                     drain_until = now + drain_s
                 elif now >= drain_until:
                     break
                 wake = drain_until
-            elif ending:
-                wake = w_deadline
             else:
-                wake = deadline if deadline < next_check else next_check
+                wake = stage.wake_at
+                if stage.live:
+                    if deadline < wake:
+                        wake = deadline
+                    if next_check < wake:
+                        wake = next_check
             # Capped: a signal (^C) that lands between the check below and poll() would otherwise
             # wait for the next event; Cython code has no bytecode boundary to notice it at.
             if wake <= now:
@@ -134,7 +325,7 @@ def run_supervised(argv, *, cwd=None, env=None, timeout_s=None, grace_s=5.0, on_
                 timeout_ms = <int>min(ceil((wake - now) * 1000.0), MAX_WAIT_MS)
             PyErr_CheckSignals()
             fds[0].fd = out_fd if out_open else -1
-            fds[1].fd = st_fd if st_open else -1
+            fds[1].fd = stage.pidfd
             fds[0].revents = 0
             fds[1].revents = 0
             with nogil:
@@ -144,47 +335,59 @@ def run_supervised(argv, *, cwd=None, env=None, timeout_s=None, grace_s=5.0, on_
                     PyErr_SetFromErrno(OSError)
                 PyErr_CheckSignals()  # ^C while waiting: KeyboardInterrupt, handled below
                 continue
-            if fds[0].revents:
+            pid_ready = fds[1].revents != 0
+            eof = False
+            if fds[0].revents & POLLIN:
                 data = _read_chunk(out_fd)
                 size = len(data)
                 if size:
                     total += size
                     if not grown and size >= pipe_full:
-                        _wd.grow_pipe(out_fd)
+                        _core.grow_pipe(out_fd)
                         grown = True
                     if on_output is not None:
                         on_output(data)
                 else:
-                    out_open = False
-            if fds[1].revents:
-                data = os.read(st_fd, 4096)
-                if data:
-                    reader.feed(data)
-                else:
-                    st_open = False
-            if reader.final is not None or not st_open:
+                    eof = True
+            elif fds[0].revents:
+                eof = True  # POLLHUP alone: every writer is gone and nothing is left to read
+            if eof:
+                stage.close_output()
+                out_open = False
+            if stage.finished:
                 continue
             now = _now()
-            if ending:
-                if now >= w_deadline:  # W should have reported long ago
-                    _wd.kill_watchdog()
-                    w_deadline = INFINITY
+            if (pid_ready or eof) and stage.live and stage.subreaper:
+                # The common end, kept short: the main process exited by itself (its output
+                # ended with it) and, as this process's children show, left nothing behind.
+                with nogil:
+                    rc = wait4(pid, &status, WNOHANG, &ru)
+                if rc == pid:
+                    watchdog = _wd.current_watchdog()
+                    allowed = watchdog if watchdog is not None else -1
+                    with nogil:
+                        clear = heidi_no_other_child(me, allowed)
+                    stage.reaped_by_loop(status, ru.ru_maxrss,
+                                         ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6,
+                                         ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6,
+                                         clear == 1, now)
+                    continue
+            if pid_ready or eof or now >= stage.wake_at:
+                stage.on_wake(now)
+            if not stage.live:
                 continue
             if now >= deadline:
-                timed_out = ending = True
+                timed_out = True
+                stage.terminate(now)
             elif now >= next_check:
                 next_check = now + interval
-                stopped = ending = bool(should_stop())
-            if ending:
-                _wd.request_term(launch.sid)
-                w_deadline = now + grace + w_silent
-        if reader.final is None and st_open:
-            reader.settle(st_fd)
+                if should_stop():
+                    stopped = True
+                    stage.terminate(now)
     except BaseException:
         # A callback (or ^C) interrupts us: the stage must not outlive this call.
-        _wd.abort(launch, reader, st_open, grace_s)
+        stage.abort()
         raise
     finally:
-        launch.close()
-    return _wd.build_result(launch, reader, timed_out=timed_out, timeout_s=timeout_s,
-                            stopped=stopped, output_bytes=total)
+        stage.close()
+    return stage.result(timed_out, timeout_s, stopped, total)

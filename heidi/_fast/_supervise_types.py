@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal as _signal
 from dataclasses import dataclass
 
-__all__ = ("StageResult",)
+__all__ = ("StageResult", "make_result")
 
 
 def _seconds(value: float) -> str:
@@ -30,7 +30,8 @@ class StageResult:
     and stopped say why heidi ended it.
 
     peak_rss_kb is ru_maxrss, and Linux counts in it the address space the process had before
-    exec (the spawning watchdog's, ~15 MB): small values are a floor, not the stage's own."""
+    exec -- with posix_spawn's vfork, the supervising process's own resident size: small values
+    are that floor, not the stage's own."""
 
     pid: int | None
     exit_code: int | None
@@ -63,3 +64,14 @@ class StageResult:
         if self.exit_code is not None:
             return f"exited with code {self.exit_code}"
         return "ended with unknown status"
+
+
+_FIELDS = tuple(StageResult.__dataclass_fields__)
+
+
+def make_result(*values) -> StageResult:
+    """StageResult(*values) without the frozen dataclass's per-field object.__setattr__ calls
+    (a supervisor builds one per stage, right after the stage ends)."""
+    result = object.__new__(StageResult)
+    result.__dict__.update(zip(_FIELDS, values))
+    return result

@@ -1,89 +1,73 @@
-"""The stage watchdog: a helper process that starts stages, owns them, and dies with heidi.
+"""The stage watchdog: a sentinel process that kills heidi's stages if heidi dies.
 
-Shared by `_supervise_py` and `_supervise_c` (they differ only in the supervisor's wait loop); the
-rest of heidi uses it through `heidi._fast.supervise`.
+Shared by `_supervise_py` and `_supervise_c` through `_supervise_core`; the rest of heidi uses
+it through `heidi._fast.supervise`.
 """
-# Why a watchdog process, and why one per heidi process:
+# Why a watchdog process, and why it is out of the way:
 #
 # A stage must never outlive heidi, even when heidi is SIGKILLed. PR_SET_PDEATHSIG covers only a
 # direct child, and a stage's grandchildren may setsid() and double-fork away from its process
-# group. So a small process W, forked from heidi on first use, does the spawning: W is a *child
-# subreaper* (PR_SET_CHILD_SUBREAPER), so every process a stage ever creates stays inside W's
-# subtree, however it daemonizes. heidi holds the only other end of W's control socket (the
-# lifeline; close-on-exec, and closed in heidi's own forks by an at-fork hook). When heidi dies,
-# by any signal, the kernel closes that end, W reads EOF, SIGKILLs its whole subtree, reaps it,
-# and exits. A getppid() check every second is the second line, should the lifeline ever leak.
+# group. heidi spawns each stage itself (a stage costs what a bare posix_spawn costs) and is a
+# *child subreaper* (PR_SET_CHILD_SUBREAPER), so while heidi lives every process a stage creates
+# stays inside heidi's subtree, however it daemonizes, and heidi cleans up after each stage.
 #
-# W is forked once and reused: forking a Python process costs about as much as starting
-# /bin/true (page tables are copied), while W itself is small and spawns each stage with
-# posix_spawn (vfork-fast). A stage costs one request on the socket and one status message.
-#
-# Protocol. heidi -> W, on the control socket: frames of 4-byte big-endian length + marshal:
-#   ("spawn", sid, argv, env, cwd, rlimits, grace_s, token)  with SCM_RIGHTS [output write
-#                                                             end, status write end]
-#   ("term", sid)   SIGTERM the stage's processes, SIGKILL them grace_s later
-#   ("kill", sid)   SIGKILL them now
-# W -> heidi, on the stage's own status pipe, exactly one frame, sent when no process of the
-# stage is left:  ("exited", pid, wait_status, maxrss_kb, utime_s, stime_s)  or
-#                 ("failed", one-line message)  when the stage could not start.
-# A stage's processes are: its main process's subtree; with several stages running at once,
-# also the orphans W adopted whose process group / session is the stage's or whose environment
-# carries the stage's HEIDI_STAGE_TOKEN; with one stage running, everything under W.
+# For heidi's death there is W: a small process forked from heidi on first use, which shares one
+# page of memory with heidi -- the registry of running stages (a slot per stage: its main pid,
+# the clock tick it started at, its HEIDI_STAGE_TOKEN). heidi fills a slot before it spawns and
+# clears it when nothing of the stage is left; a slot costs a few stores, no system call and no
+# message, so W sleeps through every stage. W holds the read end of a pipe whose only write end
+# is heidi's (the lifeline; close-on-exec, and closed in heidi's own forks by an at-fork hook).
+# When heidi dies, by any signal, the kernel closes that end, W wakes, reads the registry and
+# SIGKILLs every process of every stage in it: the stage's process group and session, every
+# process whose environment carries a stage's token, the processes heidi had adopted (W keeps a
+# snapshot of them while stages run, for a daemon that both left the session and dropped its
+# environment), and all their descendants. A getppid() check every second is the second line,
+# should the lifeline ever leak. If W itself dies, heidi starts a new one within a second; the
+# registry, being heidi's memory, survives it.
 from __future__ import annotations
 
-import array
 import atexit
 import collections
 import ctypes
-import errno as _errno
-import fcntl
 import gc
-import itertools
-import marshal
+import mmap
 import os
-import resource
 import select
 import signal
-import socket
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
 
-from ._supervise_types import StageResult
-
-__all__ = ("TOKEN_ENV", "DRAIN_S", "W_SILENT_S", "PIPE_SIZE", "PIPE_DEFAULT_SIZE", "Launch",
-           "StatusReader", "abort", "build_result", "check_args", "ensure_started", "grow_pipe",
-           "kill_by_token", "kill_watchdog", "launch", "request_kill", "request_term",
-           "shutdown", "watchdog_pid")
+__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SLOTS", "descendants", "ensure_started", "has_token",
+           "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
+           "token_needle", "watchdog_pid")
 
 TOKEN_ENV = "HEIDI_STAGE_TOKEN"
-# After W reports the end, output still in the pipe is read; a writer that somehow escaped (it
-# passed its stdout to an unrelated process) cannot keep the supervisor waiting beyond this.
-DRAIN_S = 2.0
 # W gives up on processes that do not die this long after SIGKILL (stuck in the kernel, e.g. a
-# wedged GPU driver) and reports what it has, rather than hanging heidi.
+# wedged GPU driver) rather than spin forever.
 GIVE_UP_S = 5.0
-# The supervisor gives up on W itself this long after W should have reported.
-W_SILENT_S = GIVE_UP_S + 5.0
-# Whether W may use pidfds (tests turn it off to exercise the SIGCHLD path of older kernels).
-USE_PIDFD = True
-PIPE_SIZE = 1 << 20
-# A read this large means the pipe (64 KiB by default) was full: time to grow it to PIPE_SIZE.
-PIPE_DEFAULT_SIZE = 1 << 16
+# How often W looks at heidi's adopted children while stages run.
+SNAPSHOT_S = 0.5
+# Concurrent stages one heidi process can run (a slot each).
+SLOTS = 128
 
-_HEADER = struct.Struct("!I")
+# A slot: state, main pid, start tick, token (32 hex digits). state: 0 free, 1 spawning (the
+# token is valid, the pid not yet), 2 running.
+_SLOT = struct.Struct("=iiq32s")
+_HEAD = struct.Struct("=iiq")
+_STATE = struct.Struct("=i")
+_SLOT_SIZE = 64
+_FREE, _SPAWNING, _RUNNING = 0, 1, 2
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
-_F_SETPIPE_SZ = 1031
 _SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
-_RLIMIT_NAMES = {getattr(resource, n): n for n in sorted(dir(resource), reverse=True)
-                 if n.startswith("RLIMIT_") and n != "RLIMIT_OFILE"}  # the BSD alias of NOFILE
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 def _load_prctl():
-    # Resolved here, in heidi, not in W: dlopen/dlsym after fork could block on a loader lock
-    # that another of heidi's threads held at the moment of the fork.
+    # Resolved here, at import: dlopen/dlsym after a fork could block on a loader lock that
+    # another of heidi's threads held at the moment of the fork.
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
@@ -96,46 +80,58 @@ def _load_prctl():
 _prctl = _load_prctl()
 
 
-def _frame(msg: tuple) -> bytes:
-    payload = marshal.dumps(msg)
-    return _HEADER.pack(len(payload)) + payload
-
-
-def _strerror(number: int) -> str:
-    return os.strerror(number) if number else "unknown error"
+def start_tick() -> int:
+    """The clock tick (as in /proc/PID/stat's starttime) a process started now would show, less
+    one for rounding: every process of a stage started at or after its stage's tick."""
+    return int(time.clock_gettime(_CLOCK_BOOTTIME) * _CLK_TCK) - 1
 
 
 # ---- /proc --------------------------------------------------------------------------------------
 
-def _scan_procs() -> dict[int, tuple[bytes, int, int, int]]:
-    """pid -> (state, ppid, pgid, sid) for every process; vanished ones are skipped."""
+def _parse_stat(data: bytes) -> tuple[bytes, int, int, int, int] | None:
+    # comm is in parentheses and may itself contain ") ": the fields start after the last ")".
+    fields = data[data.rfind(b")") + 2:].split(None, 20)
+    if len(fields) < 20:
+        return None
+    # state, ppid, pgid, sid, starttime (field 22 of the file, 20th after comm)
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
+
+
+def proc_stat(pid: int) -> tuple[bytes, int, int, int, int] | None:
+    """(state, ppid, pgid, sid, start tick) of one process, or None if it is gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return _parse_stat(data)
+
+
+def scan_procs() -> dict[int, tuple[bytes, int, int, int, int]]:
+    """pid -> (state, ppid, pgid, sid, start tick) for every process; vanished ones skipped."""
     procs = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            data = os.read(fd, 1024)
-        except OSError:
-            continue
-        finally:
-            os.close(fd)
-        # comm is in parentheses and may itself contain ") ": the fields start after the last ")".
-        fields = data[data.rfind(b")") + 2:].split(None, 4)
-        if len(fields) >= 4:
-            procs[int(name)] = (fields[0], int(fields[1]), int(fields[2]), int(fields[3]))
+        if name.isdigit():
+            info = proc_stat(int(name))
+            if info is not None:
+                procs[int(name)] = info
     return procs
 
 
-def _has_token(pid: int, needle: bytes) -> bool:
-    """needle is b"\\0HEIDI_STAGE_TOKEN=<token>\\0"."""
+def token_needle(token: str) -> bytes:
+    return b"\0" + f"{TOKEN_ENV}={token}".encode() + b"\0"
+
+
+def _environ(pid: int) -> bytes | None:
     try:
         fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
         chunks = [b"\0"]
         while True:
@@ -144,21 +140,24 @@ def _has_token(pid: int, needle: bytes) -> bool:
                 break
             chunks.append(data)
     except OSError:
-        return False
+        return None
     finally:
         os.close(fd)
-    return needle in b"".join(chunks)
+    return b"".join(chunks)
 
 
-def _token_needle(token: str) -> bytes:
-    return b"\0" + f"{TOKEN_ENV}={token}".encode() + b"\0"
+def has_token(pid: int, needle: bytes) -> bool:
+    """needle is token_needle(token): whether the process's environment carries it."""
+    env = _environ(pid)
+    return env is not None and needle in env
 
 
-def _descendants(procs: dict, roots: list[int], skip: set[int] = frozenset()) -> list[int]:
+def descendants(procs: dict, roots, skip=frozenset()) -> list[int]:
+    """The roots and every process below them, not entering the subtrees of skip."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, info in procs.items():
         children[info[1]].append(pid)
-    found, todo = [], list(roots)
+    found, todo = [], [pid for pid in roots if pid not in skip]
     seen = set(todo)
     while todo:
         pid = todo.pop()
@@ -170,83 +169,108 @@ def _descendants(procs: dict, roots: list[int], skip: set[int] = frozenset()) ->
     return found
 
 
-def kill_by_token(token: str) -> None:
-    """Last resort when the watchdog is gone: SIGKILL every process carrying the stage's token."""
-    needle = _token_needle(token)
-    for _ in range(3):
-        hit = [pid for pid in _scan_procs() if pid != os.getpid() and _has_token(pid, needle)]
-        if not hit:
-            return
-        for pid in hit:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.02)
+def children_of(pid: int) -> list[int] | None:
+    """The children of pid's main thread (where a subreaper's adopted orphans go), or None where
+    the kernel does not list them (CONFIG_PROC_CHILDREN)."""
+    try:
+        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 65536)
+        if len(data) == 65536:  # (a seq_file: a short read is the end)
+            chunks = [data]
+            while data:
+                data = os.read(fd, 65536)
+                chunks.append(data)
+            data = b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return [int(x) for x in data.split()]
+
+
+# ---- the registry ---------------------------------------------------------------------------------
+
+class Registry:
+    """The running stages of this process: Python objects for heidi, and the shared page W reads
+    (see the comment at the top)."""
+
+    def __init__(self) -> None:
+        self.page = mmap.mmap(-1, SLOTS * _SLOT_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
+        self.lock = threading.Lock()
+        self.stages: list[object | None] = [None] * SLOTS
+        self.count = 0
+        self.free = list(range(SLOTS - 1, -1, -1))  # lowest slot first
+
+    def acquire(self, stage: object, token: str) -> int:
+        """A slot for a stage about to be spawned, or -1 when all are taken."""
+        with self.lock:
+            if not self.free:
+                return -1
+            slot = self.free.pop()
+            self.stages[slot] = stage
+            self.count += 1
+        _SLOT.pack_into(self.page, slot * _SLOT_SIZE, _SPAWNING, 0, 0, token.encode())
+        return slot
+
+    def running(self, slot: int, pid: int, tick: int) -> None:
+        # One store of state, pid and tick: W reads slots only once heidi is dead (and, for its
+        # snapshots, tolerates a slot caught mid-write).
+        _HEAD.pack_into(self.page, slot * _SLOT_SIZE, _RUNNING, pid, tick)
+
+    def release(self, slot: int) -> None:
+        _STATE.pack_into(self.page, slot * _SLOT_SIZE, _FREE)
+        with self.lock:
+            self.stages[slot] = None
+            self.count -= 1
+            self.free.append(slot)
+
+    def others(self, stage: object) -> list[object]:
+        if self.count <= 1:  # (read without the lock: a stage starting now is not ours anyway)
+            return []
+        with self.lock:
+            return [s for s in self.stages if s is not None and s is not stage]
+
+    def read(self) -> list[tuple[int, int, int, str]]:
+        """(state, pid, tick, token) of the slots in use, as W sees them."""
+        out = []
+        for slot in range(SLOTS):
+            state, pid, tick, token = _SLOT.unpack_from(self.page, slot * _SLOT_SIZE)
+            if state in (_SPAWNING, _RUNNING):
+                out.append((state, pid, tick, token.decode("ascii", "replace")))
+        return out
 
 
 # ---- the watchdog process -----------------------------------------------------------------------
 
-class _Shutdown(BaseException):
-    pass
+def _set_name(name: bytes) -> None:
+    if _prctl is not None:
+        _prctl(_PR_SET_NAME, ctypes.cast(ctypes.c_char_p(name), ctypes.c_void_p).value, 0, 0, 0)
 
 
-def _raise_shutdown(signum, frame):
-    raise _Shutdown()
+class _Sentinel:
+    """W's main loop. Runs in the forked child; never returns (os._exit)."""
 
-
-def _noop(signum, frame):
-    pass
-
-
-class _Stage:
-    __slots__ = ("sid", "pid", "needle", "status_fd", "out_fd", "pidfd", "grace_s", "phase",
-                 "reaped", "status", "rusage", "kill_at")
-
-    RUNNING, TERM, KILL = 0, 1, 2
-
-    def __init__(self, sid: int, pid: int, token: str, status_fd: int, out_fd: int,
-                 grace_s: float):
-        self.sid, self.pid, self.status_fd, self.grace_s = sid, pid, status_fd, grace_s
-        # W keeps a copy of the output pipe's write end until it reports: the supervisor then
-        # sees the status and the end of output in one wakeup instead of two.
-        self.out_fd = out_fd
-        self.pidfd = -1
-        self.needle = _token_needle(token)
-        self.phase = _Stage.RUNNING
-        self.reaped = False
-        self.status: int | None = None
-        self.rusage = (0, 0.0, 0.0)
-        self.kill_at = 0.0
-
-
-class _Server:
-    """The watchdog's main loop. Runs in the forked child; never returns (os._exit)."""
-
-    def __init__(self, ctl: socket.socket, parent_pid: int):
-        self.ctl = ctl
-        self.ctl_fd = ctl.fileno()
-        self.parent_pid = parent_pid
+    def __init__(self, lifeline: int, page: Registry, heidi: int):
+        self.lifeline, self.registry, self.heidi = lifeline, page, heidi
         self.me = os.getpid()
-        self.stages: dict[int, _Stage] = {}
-        self.by_pid: dict[int, _Stage] = {}
-        self.inbuf = bytearray()
-        self.infds: collections.deque[int] = collections.deque()
-        self.has_children = False
+        # pid -> start tick of the processes heidi had adopted at the last look.
+        self.adopted: dict[int, int] = {}
 
     def _setup(self) -> None:
         # Objects inherited from heidi must never be finalized here: a finalizer closing an fd
-        # number this process has since reused would cut W's own pipes.
+        # number this process has since reused would cut W's own lifeline.
         gc.disable()
-        keep = self.ctl.fileno()
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             if null != fd:
                 os.dup2(null, fd)
-        # Inherited fds (heidi's lock file, other children's pipes, a listening socket) must not
-        # stay open here: a reader would wait for EOF and a flock would not be released.
-        os.closerange(3, keep)
-        os.closerange(keep + 1, 1 << 20)
+        # Inherited fds (heidi's lock file, stages' pipes, a listening socket) must not stay open
+        # here: a reader would wait for EOF and a flock would not be released.
+        os.closerange(3, self.lifeline)
+        os.closerange(self.lifeline + 1, 1 << 20)
         try:
             os.setpgid(0, 0)  # away from the terminal's job control: ^C reaches heidi, not W
         except OSError:
@@ -261,423 +285,137 @@ class _Server:
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTSTP, signal.SIGTTIN,
                     signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, _raise_shutdown)
-        self.poller = select.poll()
-        self.poller.register(self.ctl.fileno(), select.POLLIN)
-        # A stage's end wakes W through a pidfd (Linux 5.3+); older kernels get SIGCHLD through
-        # a wakeup pipe. Orphans W adopted are reaped at the next wake either way.
-        self.wake_r = -1
-        try:
-            if not USE_PIDFD:
-                raise OSError("pidfds disabled")
-            os.close(os.pidfd_open(self.me))
-            self.use_pidfd = True
-        except (AttributeError, OSError):
-            self.use_pidfd = False
-            self.wake_r, wake_w = os.pipe()
-            os.set_blocking(self.wake_r, False)
-            os.set_blocking(wake_w, False)
-            signal.signal(signal.SIGCHLD, _noop)
-            signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-            self.poller.register(self.wake_r, select.POLLIN)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if _prctl is not None:
-            _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-            _prctl(_PR_SET_NAME, ctypes.cast(ctypes.c_char_p(b"heidi-watchdog"),
-                                             ctypes.c_void_p).value, 0, 0, 0)
+        _set_name(b"heidi-watchdog")
         os.chdir("/")
 
     def run(self) -> None:
         try:
             self._setup()
+            poller = select.poll()
+            poller.register(self.lifeline, select.POLLIN)
             while True:
-                now = time.monotonic()
-                events = self.poller.poll(self._timeout_ms(now))
-                for fd, _ in events:
-                    if fd == self.ctl_fd:
-                        if not self._read_ctl():
-                            return  # heidi is gone (lifeline EOF)
-                    elif fd == self.wake_r:
-                        try:
-                            os.read(self.wake_r, 4096)
-                        except BlockingIOError:
-                            pass
-                    # else a stage's pidfd: its main process ended; reaped below
-                self._reap()
-                self._advance(time.monotonic())
-                if os.getppid() != self.parent_pid:
-                    return  # heidi is gone and the lifeline somehow was not closed
-        except BaseException:  # noqa: BLE001 - whatever happens, the stages must not survive W
-            pass
+                busy = bool(self.registry.read())
+                if poller.poll(int((SNAPSHOT_S if busy else 1.0) * 1000)):
+                    if not os.read(self.lifeline, 64):
+                        break  # heidi is gone (lifeline EOF)
+                if os.getppid() != self.heidi:
+                    break  # heidi is gone and the lifeline somehow was not closed
+                if busy:
+                    self._snapshot()
+            self._kill_stages()
         finally:
-            self._kill_everything()
             os._exit(0)
 
-    def _timeout_ms(self, now: float) -> int:
-        timeout = 1.0
-        for stage in self.stages.values():
-            if stage.phase == _Stage.KILL:
-                timeout = min(timeout, 0.02)
-            elif stage.phase == _Stage.TERM:
-                # Leftovers that are not W's children wake nothing here: look again soon.
-                timeout = min(timeout, 0.05 if stage.reaped else max(0.0, stage.kill_at - now))
-        if not self.stages and self.has_children:
-            timeout = min(timeout, 0.05)
-        return int(timeout * 1000) + (1 if timeout > 0 else 0)
-
-    # -- requests
-
-    def _read_ctl(self) -> bool:
-        # Not socket.recv_fds: it drops its flags argument, and these fds must be close-on-exec
-        # from the start, or the next stage would inherit another stage's pipes.
-        data, ancdata, _, _ = self.ctl.recvmsg(1 << 16, socket.CMSG_SPACE(16 * 4),
-                                               socket.MSG_CMSG_CLOEXEC)
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                self.infds.extend(fds)
-        if not data:
-            return False
-        self.inbuf += data
-        while len(self.inbuf) >= 4:
-            (size,) = _HEADER.unpack_from(self.inbuf)
-            if len(self.inbuf) < 4 + size:
-                break
-            msg = marshal.loads(bytes(self.inbuf[4:4 + size]))
-            del self.inbuf[:4 + size]
-            self._handle(msg)
-        return True
-
-    def _handle(self, msg: tuple) -> None:
-        op = msg[0]
-        if op == "spawn":
-            _, sid, argv, env, cwd, rlimits, grace_s, token = msg
-            out_w, status_w = self.infds.popleft(), self.infds.popleft()
-            self._spawn(sid, argv, env, cwd, rlimits, grace_s, token, out_w, status_w)
+    def _snapshot(self) -> None:
+        slots = self.registry.read()
+        if not slots:
+            self.adopted = {}
             return
-        stage = self.stages.get(msg[1])
-        if stage is None:
-            return  # already finished: the request crossed the status message
-        now = time.monotonic()
-        if op == "term" and stage.phase == _Stage.RUNNING:
-            self._start_term(stage, now)
-        elif op == "kill" and stage.phase != _Stage.KILL:
-            stage.phase, stage.kill_at = _Stage.KILL, now
-            self._signal(stage, self._members(stage), signal.SIGKILL)
-
-    def _spawn(self, sid, argv, env, cwd, rlimits, grace_s, token, out_w, status_w) -> None:
-        pid, error = None, None
-        try:
-            try:
-                # Always by path, even if unchanged: the directory may have been replaced. W then
-                # stays there (one chdir per stage, not two).
-                os.chdir(cwd)
-            except OSError as exc:
-                error = f"cannot change directory to {os.fsdecode(cwd)!r}: {_strerror(exc.errno)}"
-            else:
-                pid, error = self._exec(argv, env, rlimits, out_w)
-        except Exception as exc:  # noqa: BLE001 - a bad request must not take W (and others) down
-            error = f"cannot start {os.fsdecode(argv[0]) if argv else '?'!r}: {exc}"
-        if pid is None:
-            _send_status(status_w, ("failed", error or "cannot start the stage"))
-            os.close(status_w)
-            os.close(out_w)
-            return
-        stage = _Stage(sid, pid, token, status_w, out_w, grace_s)
-        self.stages[sid] = stage
-        self.by_pid[pid] = stage
-        self.has_children = True
-        if self.use_pidfd:
-            try:
-                stage.pidfd = os.pidfd_open(pid)
-                self.poller.register(stage.pidfd, select.POLLIN)
-            except OSError:
-                pass  # found at the next periodic reap
-
-    def _exec(self, argv, env, rlimits, out_w) -> tuple[int | None, str | None]:
-        candidates = _candidates(argv[0], env)
-        if rlimits:
-            return _fork_exec(candidates, argv, env, rlimits, out_w)
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                   (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, out_w, 2)]
-        saved = last = 0
-        for path in candidates:
-            try:
-                return os.posix_spawn(path, argv, env, file_actions=actions, setsid=True,
-                                      setsigdef=_SIGNALS_TO_DEFAULT, setsigmask=()), None
-            except OSError as exc:
-                # execvp semantics: ENOENT/ENOTDIR mean "try the next PATH entry"; any other
-                # error (EACCES...) is the one worth reporting if nothing works.
-                if exc.errno not in (_errno.ENOENT, _errno.ENOTDIR) and not saved:
-                    saved = exc.errno
-                last = exc.errno
-        return None, f"cannot execute {os.fsdecode(argv[0])!r}: {_strerror(saved or last)}"
-
-    # -- children
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status, ru = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                self.has_children = False
-                return
-            except InterruptedError:
+        oldest = min((tick for state, _, tick, _ in slots if state == _RUNNING), default=None)
+        mains = {pid for state, pid, _, _ in slots if state == _RUNNING}
+        adopted = {}
+        for pid in children_of(self.heidi) or ():
+            if pid == self.me or pid in mains:
                 continue
-            if pid == 0:
-                self.has_children = True
-                return
-            stage = self.by_pid.pop(pid, None)
-            if stage is not None:
-                stage.reaped, stage.status = True, status
-                stage.rusage = (ru.ru_maxrss, ru.ru_utime, ru.ru_stime)
-                if stage.pidfd >= 0:
-                    self.poller.unregister(stage.pidfd)
-                    os.close(stage.pidfd)
-                    stage.pidfd = -1
+            info = proc_stat(pid)
+            if info is not None and oldest is not None and info[4] >= oldest:
+                adopted[pid] = info[4]
+        self.adopted = adopted
 
-    def _members(self, stage: _Stage) -> list[tuple[int, int]]:
-        """(pid, pgid) of the stage's live processes other than an unreaped main process."""
-        if stage.reaped and not self.has_children:
-            return []  # W is a subreaper: no children at all means no descendants at all
-        procs = _scan_procs()
-        live_mains = {s.pid for s in self.stages.values() if not s.reaped}
-        mine = [pid for pid, info in procs.items() if info[1] == self.me]
-        if len(self.stages) == 1:
-            roots, skip = mine, set()
-        else:
-            roots = [stage.pid] if not stage.reaped else []
-            for pid in mine:
-                if pid in live_mains:
+    def _kill_stages(self) -> None:
+        slots = self.registry.read()
+        if not slots:
+            return
+        mains = {pid: tick for state, pid, tick, _ in slots if state == _RUNNING and pid > 0}
+        needles = [token_needle(token) for _, _, _, token in slots]
+        # A stage caught between spawn and exec carries heidi's environment, not its token, for
+        # a moment: look again a little later before concluding nothing is left.
+        second_looks = 3 if any(state == _SPAWNING for state, _, _, _ in slots) else 1
+        give_up = time.monotonic() + GIVE_UP_S
+        while time.monotonic() < give_up:
+            procs = scan_procs()
+            roots = []
+            for pid, (_, _, pgid, sid, tick) in procs.items():
+                if pid == self.me:
                     continue
-                _, _, pgid, sid = procs[pid]
-                if stage.pid in (pgid, sid) or _has_token(pid, stage.needle):
+                if (pid in mains and tick >= mains[pid]) or pgid in mains or sid in mains \
+                        or self.adopted.get(pid) == tick:
                     roots.append(pid)
-            skip = live_mains - {stage.pid}
-        return [(pid, procs[pid][2]) for pid in _descendants(procs, roots, skip)
-                if procs[pid][0] != b"Z" and not (pid == stage.pid and not stage.reaped)]
-
-    def _signal(self, stage: _Stage, members: list[tuple[int, int]], sig: int) -> None:
-        group = not stage.reaped  # the group id is ours only while the main is unreaped
-        if group:
-            try:
-                os.killpg(stage.pid, sig)
-            except OSError:
-                pass
-        for pid, pgid in members:
-            if group and pgid == stage.pid and sig != signal.SIGKILL:
-                continue  # got it through the group; a second SIGTERM may run a handler twice
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
-
-    def _start_term(self, stage: _Stage, now: float) -> None:
-        stage.phase, stage.kill_at = _Stage.TERM, now + stage.grace_s
-        members = self._members(stage)
-        self._signal(stage, members, signal.SIGTERM)
-        # A stopped process (^Z, SIGSTOP) would hold SIGTERM pending until the SIGKILL.
-        self._signal(stage, members, signal.SIGCONT)
-
-    def _advance(self, now: float) -> None:
-        for stage in list(self.stages.values()):
-            if stage.phase == _Stage.RUNNING:
-                if stage.reaped:
-                    # The main process ended by itself: whatever it left behind goes too.
-                    if self._members(stage):
-                        self._start_term(stage, now)
-                    else:
-                        self._finish(stage)
+                else:
+                    env = _environ(pid)
+                    if env is not None and any(needle in env for needle in needles):
+                        roots.append(pid)
+            victims = [pid for pid in descendants(procs, roots, {self.me})
+                       if procs[pid][0] != b"Z"]
+            if not victims:
+                second_looks -= 1
+                if second_looks <= 0:
+                    return
+                time.sleep(0.05)
                 continue
-            if stage.phase == _Stage.TERM:
-                if now < stage.kill_at:
-                    if stage.reaped and not self._members(stage):
-                        self._finish(stage)
-                    continue
-                stage.phase = _Stage.KILL
-            members = self._members(stage)
-            if stage.reaped and not members:
-                self._finish(stage)
-            elif now >= stage.kill_at + GIVE_UP_S:
-                self._finish(stage)
-            else:
-                self._signal(stage, members, signal.SIGKILL)
-        if not self.stages and self.has_children:
-            # Strays that could not be told apart while several stages ran: nothing runs now.
-            self._kill_tree()
-
-    def _finish(self, stage: _Stage) -> None:
-        maxrss, utime, stime = stage.rusage
-        _send_status(stage.status_fd, ("exited", stage.pid, stage.status, maxrss, utime, stime))
-        os.close(stage.status_fd)
-        os.close(stage.out_fd)
-        if stage.pidfd >= 0:  # given up on an unkillable main process
-            self.poller.unregister(stage.pidfd)
-            os.close(stage.pidfd)
-        del self.stages[stage.sid]
-        self.by_pid.pop(stage.pid, None)
-
-    def _kill_tree(self) -> None:
-        procs = _scan_procs()
-        roots = [pid for pid, info in procs.items() if info[1] == self.me]
-        for pid in _descendants(procs, roots):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-
-    def _kill_everything(self) -> None:
-        try:
-            for stage in self.stages.values():
-                if not stage.reaped:
-                    try:
-                        os.killpg(stage.pid, signal.SIGKILL)
-                    except OSError:
-                        pass
-            give_up = time.monotonic() + GIVE_UP_S
-            while True:
-                self._kill_tree()
-                self._reap()
-                if not self.has_children or time.monotonic() >= give_up:
-                    break
-                time.sleep(0.01)
-            for stage in list(self.stages.values()):
-                self._finish(stage)
-        except BaseException:  # noqa: BLE001 - exiting anyway
-            pass
-
-
-def _send_status(fd: int, msg: tuple) -> None:
-    try:
-        os.write(fd, _frame(msg))
-    except OSError:
-        pass  # the supervisor is gone; nobody to tell
-
-
-def _candidates(name: bytes, env: Mapping[bytes, bytes]) -> list[bytes]:
-    if b"/" in name:
-        return [name]
-    path = env.get(b"PATH", os.fsencode(os.defpath))
-    return [os.path.join(d or b".", name) for d in path.split(b":")]
-
-
-def _fork_exec(candidates, argv, env, rlimits, out_w) -> tuple[int | None, str | None]:
-    """The slow path, for rlimits: posix_spawn cannot set them, and W must keep its own."""
-    err_r, err_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        message = b"exec:0:"
-        try:
-            os.setsid()
-            for sig in _SIGNALS_TO_DEFAULT:
+            for pid in victims:
                 try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
                     pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, [])
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out_w, 1)
-            os.dup2(out_w, 2)
-            for res, soft, hard in rlimits:
-                try:
-                    resource.setrlimit(res, (soft, hard))
-                except (OSError, ValueError) as exc:
-                    num = getattr(exc, "errno", None) or _errno.EINVAL
-                    message = f"rlimit:{num}:{res},{soft},{hard}".encode()
-                    raise
-            saved = last = 0
-            for path in candidates:
-                try:
-                    os.execve(path, argv, env)
-                except OSError as exc:
-                    if exc.errno not in (_errno.ENOENT, _errno.ENOTDIR) and not saved:
-                        saved = exc.errno
-                    last = exc.errno
-            message = f"exec:{saved or last}:".encode()
-        except BaseException:  # noqa: BLE001 - report, never run heidi code in the stage
-            pass
-        try:
-            os.write(err_w, message)
-        finally:
-            os._exit(127)
-    os.close(err_w)
-    try:
-        chunks = []
-        while True:
-            data = os.read(err_r, 512)
-            if not data:
-                break
-            chunks.append(data)
-    finally:
-        os.close(err_r)
-    if not chunks:
-        return pid, None  # exec succeeded: the close-on-exec pipe closed with nothing in it
-    while True:
-        try:
-            os.waitpid(pid, 0)
-            break
-        except InterruptedError:
-            continue
-        except ChildProcessError:
-            break
-    what, num, extra = b"".join(chunks).decode().split(":", 2)
-    if what == "rlimit":
-        res, soft, hard = (int(x) for x in extra.split(","))
-        name = _RLIMIT_NAMES.get(res, f"resource {res}")
-        return None, f"cannot set {name} to ({soft}, {hard}): {_strerror(int(num))}"
-    return None, f"cannot execute {os.fsdecode(argv[0])!r}: {_strerror(int(num))}"
+            time.sleep(0.01)
 
 
-# ---- the supervisor's side ----------------------------------------------------------------------
+# ---- heidi's side ---------------------------------------------------------------------------------
 
 class _Client:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.sock: socket.socket | None = None
+        self.registry: Registry | None = None
+        self.lifeline = -1
         self.pid: int | None = None
         self.owner: int | None = None
+        self.subreaper = False
         self.dead: list[int] = []  # replaced watchdogs not reaped yet (SIGKILL is not instant)
 
     def forget(self) -> None:
-        """In a forked child: the watchdog belongs to the parent; close our copy of its lifeline."""
-        sock, self.sock, self.pid, self.owner = self.sock, None, None, None
+        """In a forked child: the watchdog and the registry belong to the parent (and the lock
+        may have been held by one of its other threads)."""
         self.lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        lifeline = self.lifeline
+        self.registry, self.lifeline, self.pid, self.owner = None, -1, None, None
+        self.subreaper = False
         self.dead = []
-        if sock is not None:
-            sock.close()
+        if lifeline >= 0:
+            try:
+                os.close(lifeline)
+            except OSError:
+                pass
 
     def _start(self) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.registry is None:
+            self.registry = Registry()
+        if not self.subreaper and _prctl is not None:
+            self.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        registry = self.registry  # the at-fork hook clears self.* in the child
+        read_end, write_end = os.pipe()
         parent_pid = os.getpid()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS_TO_DEFAULT)
         try:
             pid = os.fork()
         except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            parent_end.close()
-            child_end.close()
+            os.close(read_end)
+            os.close(write_end)
             raise
-        if pid != 0:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if pid == 0:  # the watchdog; never returns
             try:
-                parent_end.close()
-                _Server(child_end, parent_pid).run()
+                os.close(write_end)
+                _Sentinel(read_end, registry, parent_pid).run()
             finally:
                 os._exit(0)
-        child_end.close()
-        parent_end.settimeout(W_SILENT_S)
-        self.sock, self.pid, self.owner = parent_end, pid, parent_pid
-
-    def _drop(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-        if self.pid is not None and self.owner == os.getpid():
-            self.dead.append(self.pid)
-        self.sock, self.pid, self.owner = None, None, None
-        self._reap_dead()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.close(read_end)
+        self.lifeline, self.pid, self.owner = write_end, pid, parent_pid
 
     def _reap_dead(self) -> None:
         for pid in list(self.dead):
@@ -688,58 +426,30 @@ class _Client:
                 pass
             self.dead.remove(pid)
 
-    def ensure(self) -> None:
+    def ensure(self) -> Registry:
         with self.lock:
-            self._ensure()
-
-    def _ensure(self) -> None:
-        if self.sock is not None and self.owner == os.getpid():
-            try:
-                if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
-                    return  # alive
-            except ChildProcessError:
-                pass  # reaped by someone else: dead too
-            self.sock.close()
-            self.sock = None
-        self._reap_dead()
-        self._start()
-
-    def send(self, msg: tuple, fds: Sequence[int] = (), restart: bool = False) -> None:
-        data = _frame(msg)
-        with self.lock:
-            for attempt in (0, 1):
-                if restart or attempt:
-                    self._ensure()
-                elif self.sock is None or self.owner != os.getpid():
-                    raise BrokenPipeError("no watchdog")
+            if self.owner is not None and self.owner != os.getpid():
+                self._reset()  # forked without the at-fork hook (a fork from C code)
+            if self.pid is not None:
                 try:
-                    if fds:
-                        sent = socket.send_fds(self.sock, [data], list(fds))
-                        if sent < len(data):
-                            self.sock.sendall(data[sent:])
-                    else:
-                        self.sock.sendall(data)
-                    return
-                except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                    # W died (or is wedged: it reads its socket within ms when alive; then it is
-                    # killed). A spawn may start a new one; a term/kill is moot.
-                    if self.pid is not None and self.owner == os.getpid():
-                        try:
-                            os.kill(self.pid, signal.SIGKILL)
-                        except OSError:
-                            pass
-                    self._drop()
-                    if not restart or attempt:
-                        raise
+                    if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
+                        return self.registry  # alive
+                except ChildProcessError:
+                    pass  # reaped by someone else: dead too
+                os.close(self.lifeline)
+                self.lifeline, self.pid = -1, None
+            self._reap_dead()
+            self._start()
+            return self.registry
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
-        # Bounded: at exit, a thread stuck mid-send (W stopped?) must not keep heidi alive.
+        # Bounded: at exit, a thread holding the lock must not keep heidi alive.
         locked = self.lock.acquire(timeout=min(1.0, timeout_s))
         try:
             pid = self.pid if self.owner == os.getpid() else None
-            if self.sock is not None:
-                self.sock.close()
-            self.sock, self.pid, self.owner = None, None, None
+            if self.lifeline >= 0 and self.owner == os.getpid():
+                os.close(self.lifeline)
+            self.lifeline, self.pid = -1, None
         finally:
             if locked:
                 self.lock.release()
@@ -759,227 +469,51 @@ class _Client:
 
 _client = _Client()
 os.register_at_fork(after_in_child=_client.forget)
-# An orderly exit reaps W (which checks that no stage is left) instead of leaving it to init.
+# An orderly exit reaps W (which kills any stage still registered) instead of leaving it to init.
 atexit.register(_client.shutdown, 0.5)
-_sids = itertools.count(1)
 
 
 def ensure_started() -> int:
-    """Fork the watchdog now (a daemon may call this before it starts threads). Returns its pid."""
+    """Start the watchdog now if it is not running (a daemon may call this before it starts
+    threads) and make this process a child subreaper. Returns the watchdog's pid."""
     _client.ensure()
     return _client.pid or 0
+
+
+def registry() -> Registry:
+    """The registry of this process's stages, with a live watchdog reading it."""
+    client = _client
+    if client.pid is not None and client.owner == os.getpid():
+        try:
+            if os.waitpid(client.pid, os.WNOHANG)[0] == 0:
+                return client.registry  # W is alive: the common case, without the lock
+        except ChildProcessError:
+            pass
+    return client.ensure()
+
+
+def owner() -> int:
+    """The pid of the process the watchdog serves (this one, after registry())."""
+    return _client.owner or os.getpid()
+
+
+def subreaper() -> bool:
+    """Whether this process is a child subreaper (set by ensure_started). The at-fork hook
+    clears it in a child, which a subreaper's children are not."""
+    return _client.subreaper
 
 
 def watchdog_pid() -> int | None:
     return _client.pid if _client.owner == os.getpid() else None
 
 
+def current_watchdog() -> int | None:
+    """watchdog_pid() for a caller known not to be in a forked child (a running stage's
+    supervisor): no getpid()."""
+    return _client.pid
+
+
 def shutdown(timeout_s: float = 5.0) -> None:
-    """Close the lifeline and reap the watchdog (it kills any stage still running). For tests
+    """Close the lifeline and reap the watchdog (it kills any stage still registered). For tests
     and orderly exits; a process that just exits gets the same effect."""
     _client.shutdown(timeout_s)
-
-
-def request_term(sid: int) -> bool:
-    try:
-        _client.send(("term", sid))
-        return True
-    except OSError:
-        return False
-
-
-def kill_watchdog() -> None:
-    """W did not report long after it should have: take it down (it is our child), so that the
-    status pipe ends and the caller falls back to killing the stage by its token."""
-    pid = watchdog_pid()
-    if pid is not None:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def request_kill(sid: int) -> bool:
-    try:
-        _client.send(("kill", sid))
-        return True
-    except OSError:
-        return False
-
-
-class Launch:
-    """A stage handed to the watchdog: the supervisor reads out_fd and status_fd."""
-
-    __slots__ = ("sid", "token", "out_fd", "status_fd", "t0", "error")
-
-    def __init__(self, sid: int, token: str, out_fd: int, status_fd: int, t0: float,
-                 error: str | None = None):
-        self.sid, self.token, self.out_fd, self.status_fd = sid, token, out_fd, status_fd
-        self.t0, self.error = t0, error
-
-    def close(self) -> None:
-        for fd in (self.out_fd, self.status_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.out_fd = self.status_fd = -1
-
-
-def check_args(timeout_s, grace_s, check_interval_s) -> None:
-    if timeout_s is not None and not timeout_s >= 0:
-        raise ValueError(f"timeout_s must be None or >= 0, got {timeout_s!r}")
-    if not grace_s >= 0:
-        raise ValueError(f"grace_s must be >= 0, got {grace_s!r}")
-    if not check_interval_s > 0:
-        raise ValueError(f"check_interval_s must be > 0, got {check_interval_s!r}")
-
-
-def _encode_env(env: Mapping[str, str] | None, token: str) -> dict[bytes, bytes]:
-    if env is None:
-        # Already bytes and well-formed; copying the dict under os.environb is ~50x faster than
-        # iterating the mapping, and this runs once per stage spawn.
-        data = getattr(os.environb, "_data", None)
-        out = data.copy() if type(data) is dict else dict(os.environb)
-    else:
-        fsencode = os.fsencode
-        out = {fsencode(key): fsencode(value) for key, value in env.items()}
-        # Checked here, not in W, so that a bad entry is the caller's ValueError.
-        keys = b"".join(out)
-        if b"=" in keys or b"\0" in keys or b"" in out or b"\0" in b"".join(out.values()):
-            bad = next(k for k, v in env.items()
-                       if not k or "=" in k or "\0" in k or "\0" in v)
-            raise ValueError(f"invalid environment variable for a stage: {bad!r}")
-    out[TOKEN_ENV.encode()] = token.encode()
-    return out
-
-
-def launch(argv: Sequence[str], cwd: str | None, env: Mapping[str, str] | None,
-           rlimits: Mapping[int, tuple[int, int]] | None, grace_s: float) -> Launch:
-    """Validate, hand the stage to the watchdog, return the pipes to watch. Raises only for
-    caller errors (bad argv/env types or values); OS failures come back as Launch.error."""
-    if isinstance(argv, (str, bytes)) or not argv:
-        raise ValueError("argv must be a non-empty sequence of arguments")
-    argv_b = [os.fsencode(a) for a in argv]
-    if any(b"\0" in a for a in argv_b):
-        raise ValueError("argv contains a NUL byte")
-    token = os.urandom(16).hex()
-    env_b = _encode_env(env, token)
-    limits = [(int(res), int(soft), int(hard)) for res, (soft, hard) in (rlimits or {}).items()]
-    t0 = time.monotonic()
-    sid = next(_sids)
-    try:
-        cwd_b = os.fsencode(os.path.abspath(cwd) if cwd is not None else os.getcwd())
-    except OSError as exc:
-        return Launch(sid, token, -1, -1, t0,
-                      f"cannot determine the working directory: {_strerror(exc.errno)}")
-    if b"\0" in cwd_b:
-        raise ValueError("cwd contains a NUL byte")
-    out_r, out_w = os.pipe()
-    st_r, st_w = os.pipe()
-    try:
-        _client.send(("spawn", sid, argv_b, env_b, cwd_b, limits, float(grace_s), token),
-                     (out_w, st_w), restart=True)
-    except OSError as exc:
-        os.close(out_r)
-        os.close(st_r)
-        return Launch(sid, token, -1, -1, t0, f"cannot start the heidi watchdog process: {exc}")
-    finally:
-        os.close(out_w)
-        os.close(st_w)
-    return Launch(sid, token, out_r, st_r, t0)
-
-
-def grow_pipe(fd: int) -> None:
-    """A stage filled its output pipe: give it 1 MiB, so a chatty stage costs fewer wakeups
-    (done lazily: most stages never fill 64 KiB, and the resize is not free)."""
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size for an unprivileged user: keep 64 KiB
-
-
-class StatusReader:
-    """Collects the watchdog's single status frame from the status pipe."""
-
-    __slots__ = ("buf", "final")
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.final: tuple | None = None
-
-    def settle(self, fd: int) -> None:
-        """Output ended before the status was read: W writes the status first, so it is in the
-        pipe unless W died; read what is there."""
-        while self.final is None and select.select([fd], [], [], 0.1)[0]:
-            data = os.read(fd, 4096)
-            if not data:
-                return
-            self.feed(data)
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) >= 4:
-            (size,) = _HEADER.unpack_from(self.buf)
-            if len(self.buf) >= 4 + size:
-                self.final = marshal.loads(self.buf[4:4 + size])
-                self.buf = b""
-
-
-def build_result(launch: Launch, reader: StatusReader, *, timed_out: bool,
-                 timeout_s: float | None, stopped: bool, output_bytes: int) -> StageResult:
-    wall_ms = (time.monotonic() - launch.t0) * 1000.0
-    final = reader.final
-    pid = exit_code = sig = None
-    spawn_error = launch.error
-    maxrss, utime, stime = 0, 0.0, 0.0
-    if spawn_error is None and final is None:
-        # W died under us: make sure nothing of the stage survives it, then say so.
-        kill_by_token(launch.token)
-        spawn_error = "stage supervision lost: the heidi watchdog process ended unexpectedly"
-    elif final is not None and final[0] == "failed":
-        spawn_error = final[1]
-    elif final is not None:
-        _, pid, status, maxrss, utime, stime = final
-        if status is not None:
-            if os.WIFSIGNALED(status):
-                sig = os.WTERMSIG(status)
-            elif os.WIFEXITED(status):
-                exit_code = os.WEXITSTATUS(status)
-    if spawn_error is not None:
-        timed_out = stopped = False
-    return StageResult(pid=pid, exit_code=exit_code, signal=sig, timed_out=timed_out,
-                       timeout_s=timeout_s if timed_out else None, stopped=stopped,
-                       spawn_error=spawn_error, output_bytes=output_bytes, wall_ms=wall_ms,
-                       peak_rss_kb=int(maxrss), cpu_user_s=float(utime), cpu_sys_s=float(stime))
-
-
-def abort(launch: Launch, reader: StatusReader, status_open: bool, grace_s: float) -> None:
-    """The caller's callback raised: terminate the stage (SIGTERM, grace, SIGKILL) and wait for
-    it to be gone, draining its output unread. Another exception meanwhile escalates to SIGKILL;
-    either way W finishes the job even if we stop waiting."""
-    if reader.final is not None or not status_open or launch.status_fd < 0:
-        return
-    try:
-        if request_term(launch.sid):
-            poller = select.poll()
-            poller.register(launch.status_fd, select.POLLIN)
-            if launch.out_fd >= 0:
-                poller.register(launch.out_fd, select.POLLIN)
-            give_up = time.monotonic() + grace_s + W_SILENT_S
-            while reader.final is None and time.monotonic() < give_up:
-                for fd, _ in poller.poll(1000):
-                    data = os.read(fd, 1 << 16)
-                    if fd == launch.status_fd:
-                        if not data:
-                            break  # W died: fall back below
-                        reader.feed(data)
-                    elif not data:
-                        poller.unregister(fd)
-                else:
-                    continue
-                break
-        if reader.final is None:
-            kill_watchdog()
-            kill_by_token(launch.token)
-    except BaseException:
-        request_kill(launch.sid)
-        raise

@@ -4,8 +4,10 @@ run_supervised(argv, *, cwd, env, timeout_s, grace_s, on_output, should_stop, ch
 rlimits) -> StageResult. The stage runs in its own session (stdin /dev/null, stdout+stderr merged
 into on_output, only fds 0-2, env as given plus HEIDI_STAGE_TOKEN); timeout or should_stop() ->
 SIGTERM to all of its processes, SIGKILL grace_s later; it never outlives heidi, even a SIGKILLed
-heidi (see `_supervise_watchdog`). A command that cannot start gives result.spawn_error; an
-exception from a callback terminates the stage, then propagates.
+heidi (see `_supervise_watchdog`): the calling process becomes a child subreaper and keeps a
+watchdog process. A command that cannot start gives result.spawn_error; an exception from a
+callback terminates the stage, then propagates. Which processes count as a stage's:
+`_supervise_core`.
 """
 from __future__ import annotations
 
