@@ -8,9 +8,10 @@ result -- is here, once.
 
 A stage's processes: its main process, everything in its process group or session, and, since
 the supervising process is a child subreaper, the orphans it adopts that carry the stage's
-HEIDI_STAGE_TOKEN -- or any orphan it adopts while this is its only stage -- with all their
-descendants. (So a program that runs stages should not also rely on orphans being re-parented
-to init, nor start other children of its own while one stage runs from its main thread.)
+HEIDI_STAGE_TOKEN -- or any child it gains after the stage started, while this is its only
+stage -- with all their descendants. (So a program that runs stages should not start child
+processes of its own while a single stage runs: they could not be told from a daemon the stage
+left behind.)
 """
 from __future__ import annotations
 

@@ -97,19 +97,31 @@ def _parse_stat(data: bytes) -> tuple[bytes, int, int, int, int] | None:
     return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), int(fields[19])
 
 
-def proc_stat(pid: int) -> tuple[bytes, int, int, int, int] | None:
-    """(state, ppid, pgid, sid, start tick) of one process, or None if it is gone."""
+def _read_proc(path: str, size: int = 65536) -> bytes | None:
+    """A /proc file's contents (a seq_file: a short read is its end), or None if it is gone."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        data = os.read(fd, 1024)
+        data = os.read(fd, size)
+        if len(data) == size:
+            chunks = [data]
+            while data:
+                data = os.read(fd, 65536)
+                chunks.append(data)
+            data = b"".join(chunks)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return _parse_stat(data)
+    return data
+
+
+def proc_stat(pid: int) -> tuple[bytes, int, int, int, int] | None:
+    """(state, ppid, pgid, sid, start tick) of one process, or None if it is gone."""
+    data = _read_proc(f"/proc/{pid}/stat", 1024)
+    return None if data is None else _parse_stat(data)
 
 
 def scan_procs() -> dict[int, tuple[bytes, int, int, int, int]]:
@@ -128,22 +140,8 @@ def token_needle(token: str) -> bytes:
 
 
 def _environ(pid: int) -> bytes | None:
-    try:
-        fd = os.open(f"/proc/{pid}/environ", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        chunks = [b"\0"]
-        while True:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            chunks.append(data)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return b"".join(chunks)
+    data = _read_proc(f"/proc/{pid}/environ")
+    return None if data is None else b"\0" + data
 
 
 def has_token(pid: int, needle: bytes) -> bool:
@@ -172,23 +170,8 @@ def descendants(procs: dict, roots, skip=frozenset()) -> list[int]:
 def children_of(pid: int) -> list[int] | None:
     """The children of pid's main thread (where a subreaper's adopted orphans go), or None where
     the kernel does not list them (CONFIG_PROC_CHILDREN)."""
-    try:
-        fd = os.open(f"/proc/{pid}/task/{pid}/children", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 65536)
-        if len(data) == 65536:  # (a seq_file: a short read is the end)
-            chunks = [data]
-            while data:
-                data = os.read(fd, 65536)
-                chunks.append(data)
-            data = b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    return [int(x) for x in data.split()]
+    data = _read_proc(f"/proc/{pid}/task/{pid}/children")
+    return None if data is None else [int(x) for x in data.split()]
 
 
 # ---- the registry ---------------------------------------------------------------------------------
