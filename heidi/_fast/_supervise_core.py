@@ -16,6 +16,7 @@ left behind.)
 from __future__ import annotations
 
 import errno as _errno
+import itertools
 import math
 import os
 import resource
@@ -60,17 +61,16 @@ Spawn = Callable[[bytes, list, dict, "bytes | None", int], int]
 
 
 _token_prefix = ""
-_token_count = 0
+_token_count = itertools.count(1)  # next() on it is atomic: threads never share a token
 
 
 def _new_token() -> str:
     """32 hex digits, unique on this machine for a good while: a random prefix per process
     (new after a fork) and a counter. Not a secret -- it only marks a stage's processes."""
-    global _token_prefix, _token_count
+    global _token_prefix
     if not _token_prefix:
         _token_prefix = os.urandom(12).hex()
-    _token_count += 1
-    return f"{_token_prefix}{_token_count & 0xFFFFFFFF:08x}"
+    return f"{_token_prefix}{next(_token_count) & 0xFFFFFFFF:08x}"
 
 
 def _forget_token_prefix() -> None:

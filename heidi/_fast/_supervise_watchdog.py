@@ -20,10 +20,10 @@ it through `heidi._fast.supervise`.
 # When heidi dies, by any signal, the kernel closes that end, W wakes, reads the registry and
 # SIGKILLs every process of every stage in it: the stage's process group and session, every
 # process whose environment carries a stage's token, the processes heidi had adopted (W keeps a
-# snapshot of them while stages run, for a daemon that both left the session and dropped its
-# environment), and all their descendants. A getppid() check every second is the second line,
-# should the lifeline ever leak. If W itself dies, heidi starts a new one within a second; the
-# registry, being heidi's memory, survives it.
+# snapshot of them, twice a second while stages run, for a daemon that both left the session and
+# dropped its environment), and all their descendants. A getppid() check twice a second is the
+# second line, should the lifeline ever leak. If W itself dies, heidi starts a new one within a
+# second; the registry, being heidi's memory, survives it.
 from __future__ import annotations
 
 import atexit
@@ -46,7 +46,7 @@ TOKEN_ENV = "HEIDI_STAGE_TOKEN"
 # W gives up on processes that do not die this long after SIGKILL (stuck in the kernel, e.g. a
 # wedged GPU driver) rather than spin forever.
 GIVE_UP_S = 5.0
-# How often W looks at heidi's adopted children while stages run.
+# How often W wakes: to look at heidi's adopted children while stages run, and at getppid().
 SNAPSHOT_S = 0.5
 # Concurrent stages one heidi process can run (a slot each).
 SLOTS = 128
@@ -278,14 +278,12 @@ class _Sentinel:
             poller = select.poll()
             poller.register(self.lifeline, select.POLLIN)
             while True:
-                busy = bool(self.registry.read())
-                if poller.poll(int((SNAPSHOT_S if busy else 1.0) * 1000)):
+                if poller.poll(int(SNAPSHOT_S * 1000)):
                     if not os.read(self.lifeline, 64):
                         break  # heidi is gone (lifeline EOF)
                 if os.getppid() != self.heidi:
                     break  # heidi is gone and the lifeline somehow was not closed
-                if busy:
-                    self._snapshot()
+                self._snapshot()
             self._kill_stages()
         finally:
             os._exit(0)
