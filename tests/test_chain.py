@@ -235,6 +235,10 @@ REJECTIONS = [
     (_raw({k: v for k, v in _event().items() if k != "usage_delta"}), None, None,
      "missing key 'usage_delta'"),
     (_raw(dict(reversed(list(_event().items())))), None, None, "keys out of order"),
+    (_raw({("note" if k == "message" else k): v for k, v in _event().items()}), None, None,
+     "unknown key 'note'"),  # 13 keys, one renamed in place
+    (_raw({**{k: v for k, v in _event().items() if k != "ts"}, "ts": _event()["ts"]}), None,
+     None, "keys out of order"),  # 13 keys, the right ones, one moved to the end
     (_raw(_event(event_version="1.1")), None, None, "event_version '1.1', expected '1.0'"),
     (_raw(_event(event_version=1.0)), None, None, "event_version 1.0, expected '1.0'"),
     (_raw(_event(ts="2026-02-20 07:45:38")), None, None,

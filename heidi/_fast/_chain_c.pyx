@@ -14,7 +14,8 @@ from heidi._fast._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_
 
 from libc.string cimport memchr
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
-from cpython.dict cimport PyDict_Size
+from cpython.dict cimport PyDict_Next, PyDict_Size
+from cpython.object cimport PyObject
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
@@ -109,60 +110,87 @@ cdef inline bint _is_number(object value):
     return type(value) is int or type(value) is float
 
 
+cdef str _key_problem(dict d):
+    """Why the keys of d are not exactly KEYS in order (the slow path's message)."""
+    for key in d:
+        if key not in _KEYS:
+            return f"unknown key {key!r}"
+    for key in _KEYS:
+        if key not in d:
+            return f"missing key {key!r}"
+    return "keys out of order"
+
+
+cdef str _delta_problem(object delta, str key):
+    cdef PyObject *k
+    cdef PyObject *v
+    cdef Py_ssize_t pos = 0
+    if type(delta) is not dict:
+        return f"{key} is not an object"
+    while PyDict_Next(<dict>delta, &pos, &k, &v):
+        if not _is_number(<object>v):
+            return f"{key} has a value that is not a number"
+    return None
+
+
 cdef str _check_event(object obj, str expected_prev, str run_id):
     cdef dict d
+    cdef PyObject *k
+    cdef PyObject *v
+    cdef PyObject *values[13]
+    cdef Py_ssize_t pos = 0, i = 0
     if type(obj) is not dict:
         return "not a JSON object"
     d = <dict>obj
-    if PyDict_Size(d) != 13 or tuple(d) != _KEYS:
-        for key in d:
-            if key not in _KEYS:
-                return f"unknown key {key!r}"
-        for key in _KEYS:
-            if key not in d:
-                return f"missing key {key!r}"
-        return "keys out of order"
-    if d["event_version"] != "1.0":
-        return f"event_version {d['event_version']!r}, expected '1.0'"
-    ts = d["ts"]
+    if PyDict_Size(d) != 13:
+        return _key_problem(d)
+    # One walk over the dict: its keys must be KEYS in order, and then its values come in the
+    # schema's order too (no lookups by key).
+    while PyDict_Next(d, &pos, &k, &v):
+        key = <object>k
+        if key is not _KEYS[i] and key != _KEYS[i]:
+            return _key_problem(d)
+        values[i] = v
+        i += 1
+    if <object>values[0] != "1.0":
+        return f"event_version {<object>values[0]!r}, expected '1.0'"
+    ts = <object>values[1]
     if type(ts) is not str or not _ts_ok(<str>ts):
         return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
-    rid = d["run_id"]
+    rid = <object>values[2]
     if type(rid) is not str or not _name_ok(<str>rid, 128):
         return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
     if run_id is not None and rid != run_id:
         return f"run_id {rid!r} differs from the journal's run {run_id!r}"
-    rnd = d["round"]
+    rnd = <object>values[3]
     if type(rnd) is not int or rnd < 0:
         return "round is not a non-negative integer"
-    value = d["stage"]
+    value = <object>values[4]
     if type(value) is not str or not _name_ok(<str>value, 64):
         return "stage is not a name of 1-64 characters [A-Za-z0-9_.-]"
-    value = d["event_type"]
+    value = <object>values[6]
     if type(value) is not str or not _name_ok(<str>value, 64):
         return "event_type is not a name of 1-64 characters [A-Za-z0-9_.-]"
-    if d["level"] not in _LEVELS:
+    if <object>values[5] not in _LEVELS:
         return "level is not one of info, warn, error, success, critical"
-    msg = d["message"]
+    msg = <object>values[7]
     if type(msg) is not str or len(<str>msg) > 500:
         return "message is not a string of at most 500 characters"
-    for key in ("counters_delta", "usage_delta"):
-        delta = d[key]
-        if type(delta) is not dict:
-            return f"{key} is not an object"
-        for value in (<dict>delta).values():
-            if not _is_number(value):
-                return f"{key} has a value that is not a number"
-    paths = d["artifact_paths"]
+    problem = _delta_problem(<object>values[8], "counters_delta")
+    if problem is None:
+        problem = _delta_problem(<object>values[9], "usage_delta")
+    if problem is not None:
+        return problem
+    paths = <object>values[10]
     if type(paths) is not list:
         return "artifact_paths is not an array"
     for path in <list>paths:
         if type(path) is not str or len(<str>path) > 100:
             return "artifact_paths has an entry that is not a string of at most 100 characters"
-    err = d["error"]
+    err = <object>values[11]
     if err is not None and (type(err) is not str or len(<str>err) > 200):
         return "error is not null or a string of at most 200 characters"
-    prev = d["prev_hash"]
+    prev = <object>values[12]
     if type(prev) is not str:
         return "prev_hash is not a string"
     if expected_prev is None:
