@@ -332,6 +332,24 @@ def test_leftovers_of_a_finished_stage_are_killed(fast_impl, tmp_path):
     assert [p for p in _read_pids(pidfile) if _alive(p)] == []
 
 
+def test_a_stage_that_closes_its_output_early_is_waited_for(fast_impl):
+    out = Collect()
+    r = fast_impl("supervise").run_supervised(
+        ["sh", "-c", "echo bye; exec >&- 2>&-; sleep 0.3; exit 4"], on_output=out)
+    assert out.data == b"bye\n" and r.exit_code == 4 and r.wall_ms >= 300
+
+
+def test_output_of_a_background_child_is_captured_until_it_is_killed(fast_impl):
+    out = Collect()
+    t0 = time.monotonic()
+    r = fast_impl("supervise").run_supervised(
+        ["sh", "-c", "(sleep 0.2; echo late; sleep 30) & echo main"], on_output=out,
+        grace_s=0.5)
+    # The main process ends at once; what it left behind runs on until heidi has looked, then
+    # gets SIGTERM: "late" may or may not make it, "main" always does, and nothing waits 30 s.
+    assert r.ok and out.data.startswith(b"main\n") and time.monotonic() - t0 < 3
+
+
 def test_should_stop(fast_impl):
     calls = []
 
@@ -399,6 +417,25 @@ def test_concurrent_stages_from_threads_do_not_touch_each_other(fast_impl, tmp_p
         t.join()
     assert results["tree"].timed_out
     assert results["calm"].ok  # killing the other stage's tree left this one alone
+    assert [p for p in _read_pids(pidfile) if _alive(p)] == []
+
+
+def test_concurrent_stages_an_env_less_escapee_goes_with_the_last_stage(fast_impl, tmp_path):
+    # While two stages run, an adopted orphan without a token cannot be told apart: it is not
+    # the timed-out stage's to kill, but it is gone once the last stage has ended.
+    mod = fast_impl("supervise")
+    results = {}
+    pidfile = str(tmp_path / "pids")
+
+    def run(name, argv, **kw):
+        results[name] = mod.run_supervised(argv, **kw)
+
+    calm = threading.Thread(target=run, args=("calm", ["sleep", "1"]), kwargs={"grace_s": 0.2})
+    calm.start()
+    time.sleep(0.05)
+    run("tree", [PY, HELPER, "tree", pidfile, "noenv"], timeout_s=0.4, grace_s=0.1)
+    calm.join()
+    assert results["tree"].timed_out and results["calm"].ok
     assert [p for p in _read_pids(pidfile) if _alive(p)] == []
 
 
