@@ -576,7 +576,7 @@ def test_an_escaped_daemon_without_the_token_dies_with_a_sigkilled_supervisor(
                                "noenv"], env=_env(), stdin=subprocess.DEVNULL)
     try:
         pids = _read_pids(pidfile)
-        time.sleep(1.2)  # W looks at heidi's adopted children twice a second
+        time.sleep(1.6)  # W looks at heidi's adopted children twice a second: 3 looks
         assert all(_alive(p) for p in pids)
         assert b"HEIDI_STAGE_TOKEN" not in open(f"/proc/{pids[2]}/environ", "rb").read()
     finally:
