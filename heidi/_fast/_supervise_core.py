@@ -53,7 +53,6 @@ NO_PIDFD_FIRST_S, NO_PIDFD_MAX_S = 0.0005, 0.05
 _F_SETPIPE_SZ = 1031
 _RLIMIT_NAMES = {getattr(resource, n): n for n in sorted(dir(resource), reverse=True)
                  if n.startswith("RLIMIT_") and n != "RLIMIT_OFILE"}  # the BSD alias of NOFILE
-_SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
 _TOKEN_KEY = TOKEN_ENV.encode()
 _RUNNING, _TERM, _KILL = 0, 1, 2
 
@@ -151,7 +150,7 @@ def _fork_exec(path: bytes, argv: list, env: dict, cwd: bytes | None, out_w: int
         message = b"exec:0:"
         try:
             os.setsid()
-            for sig in _SIGNALS_TO_DEFAULT:
+            for sig in _wd.SIGNALS_TO_DEFAULT:
                 try:
                     signal.signal(sig, signal.SIG_DFL)
                 except (OSError, ValueError):
@@ -393,9 +392,7 @@ class Stage:
                        clear: bool, now: float) -> None:
         """A compiled wait loop reaped the main process itself (and looked at this process's
         children: clear means none but the watchdog). Same outcome as on_wake()."""
-        self.reaped, self.live, self.status = True, False, status
-        self.rusage = (maxrss, utime, stime)
-        self._close_fds()
+        self._reaped(status, (maxrss, utime, stime))
         if clear:
             self._finish()
         else:
@@ -436,10 +433,10 @@ class Stage:
             raise
 
     def close(self) -> None:
+        """After the wait (also after an exception): the fds. A finished stage has released its
+        slot; one that is not keeps it, for the watchdog."""
         self.close_output()
         self._close_fds()
-        if self.slot >= 0 and self.finished:
-            self._release()
 
     def result(self, timed_out: bool, timeout_s: float | None, stopped: bool,
                output_bytes: int) -> StageResult:
@@ -483,11 +480,13 @@ class Stage:
                 # is lost, but the process is gone.
                 pid, status, ru = self.pid, None, None
             break
-        if pid == 0:
-            return
+        if pid != 0:
+            self._reaped(status, None if ru is None else (ru.ru_maxrss, ru.ru_utime, ru.ru_stime))
+
+    def _reaped(self, status: int | None, rusage: tuple[int, float, float] | None) -> None:
         self.reaped, self.live, self.status = True, False, status
-        if ru is not None:
-            self.rusage = (ru.ru_maxrss, ru.ru_utime, ru.ru_stime)
+        if rusage is not None:
+            self.rusage = rusage
         self._close_fds()
 
     def _others(self) -> tuple[set[int], bool]:

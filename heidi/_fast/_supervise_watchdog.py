@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 
-__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SLOTS", "descendants", "ensure_started", "has_token",
+__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started", "has_token",
            "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
            "token_needle", "watchdog_pid")
 
@@ -60,7 +60,7 @@ _SLOT_SIZE = 64
 _FREE, _SPAWNING, _RUNNING = 0, 1, 2
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
-_SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
+SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
@@ -184,7 +184,6 @@ class Registry:
         self.page = mmap.mmap(-1, SLOTS * _SLOT_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
         self.lock = threading.Lock()
         self.stages: list[object | None] = [None] * SLOTS
-        self.count = 0
         self.free = list(range(SLOTS - 1, -1, -1))  # lowest slot first
 
     def acquire(self, stage: object, token: str) -> int:
@@ -194,7 +193,6 @@ class Registry:
                 return -1
             slot = self.free.pop()
             self.stages[slot] = stage
-            self.count += 1
         _SLOT.pack_into(self.page, slot * _SLOT_SIZE, _SPAWNING, 0, 0, token.encode())
         return slot
 
@@ -207,11 +205,11 @@ class Registry:
         _STATE.pack_into(self.page, slot * _SLOT_SIZE, _FREE)
         with self.lock:
             self.stages[slot] = None
-            self.count -= 1
             self.free.append(slot)
 
     def others(self, stage: object) -> list[object]:
-        if self.count <= 1:  # (read without the lock: a stage starting now is not ours anyway)
+        # One stage or none: read without the lock (a stage starting now is not one of ours).
+        if len(self.free) >= SLOTS - 1:
             return []
         with self.lock:
             return [s for s in self.stages if s is not None and s is not stage]
@@ -236,8 +234,8 @@ def _set_name(name: bytes) -> None:
 class _Sentinel:
     """W's main loop. Runs in the forked child; never returns (os._exit)."""
 
-    def __init__(self, lifeline: int, page: Registry, heidi: int):
-        self.lifeline, self.registry, self.heidi = lifeline, page, heidi
+    def __init__(self, lifeline: int, registry: Registry, heidi: int):
+        self.lifeline, self.registry, self.heidi = lifeline, registry, heidi
         self.me = os.getpid()
         # pid -> start tick of the processes heidi had adopted at the last look.
         self.adopted: dict[int, int] = {}
@@ -260,7 +258,7 @@ class _Sentinel:
             pass
         # Signals are blocked since before the fork (see _Client._start): heidi's own handlers,
         # inherited, must never run here. Replace them all, then unblock.
-        for sig in _SIGNALS_TO_DEFAULT:
+        for sig in SIGNALS_TO_DEFAULT:
             try:
                 signal.signal(sig, signal.SIG_DFL)
             except (OSError, ValueError):
@@ -353,7 +351,6 @@ class _Client:
         self.pid: int | None = None
         self.owner: int | None = None
         self.subreaper = False
-        self.dead: list[int] = []  # replaced watchdogs not reaped yet (SIGKILL is not instant)
 
     def forget(self) -> None:
         """In a forked child: the watchdog and the registry belong to the parent (and the lock
@@ -365,7 +362,6 @@ class _Client:
         lifeline = self.lifeline
         self.registry, self.lifeline, self.pid, self.owner = None, -1, None, None
         self.subreaper = False
-        self.dead = []
         if lifeline >= 0:
             try:
                 os.close(lifeline)
@@ -380,7 +376,7 @@ class _Client:
         registry = self.registry  # the at-fork hook clears self.* in the child
         read_end, write_end = os.pipe()
         parent_pid = os.getpid()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS_TO_DEFAULT)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_TO_DEFAULT)
         try:
             pid = os.fork()
         except BaseException:
@@ -398,15 +394,6 @@ class _Client:
         os.close(read_end)
         self.lifeline, self.pid, self.owner = write_end, pid, parent_pid
 
-    def _reap_dead(self) -> None:
-        for pid in list(self.dead):
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            except ChildProcessError:
-                pass
-            self.dead.remove(pid)
-
     def ensure(self) -> Registry:
         with self.lock:
             if self.owner is not None and self.owner != os.getpid():
@@ -419,7 +406,6 @@ class _Client:
                     pass  # reaped by someone else: dead too
                 os.close(self.lifeline)
                 self.lifeline, self.pid = -1, None
-            self._reap_dead()
             self._start()
             return self.registry
 
