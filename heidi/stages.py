@@ -4,18 +4,17 @@ FINALIZING split, supervision with a redacted log, and the usage sampled from /p
 from __future__ import annotations
 
 import os
-import random
 import shlex
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
 from ._fast import procstat
-from ._fast.atomic import atomic_write
 from ._fast.redact import Redactor
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
 from .machine import StageOutcome
+from .split import split_file
 from .stagelog import StageLog
 
 if TYPE_CHECKING:
@@ -76,28 +75,14 @@ def split_round(cfg: "Config", round_: int) -> tuple[str, str, int, int]:
     """
     name = "tested" if cfg.run_unit_tests else "clean"
     source = os.path.join(cfg.data_dir, f"{name}_round_{round_}.jsonl")
-    try:
-        with open(source, "rb") as fh:
-            lines = [line if line.endswith(b"\n") else line + b"\n" for line in fh if line.strip()]
-    except FileNotFoundError:
-        raise ValueError(f"no data to train on: {source} is missing") from None
-    if not lines:
-        raise ValueError(f"no data to train on: {source} is empty")
-    n = len(lines)
-    n_val = round(n * cfg.val_ratio)
-    if n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    else:
-        n_val = 0
-    order = list(range(n))
-    random.Random(cfg.seed * 1_000_003 + round_).shuffle(order)
-    val_idx = sorted(order[:n_val])
-    train_idx = sorted(order[n_val:])
     train_path = os.path.join(cfg.data_dir, f"train_round_{round_}.jsonl")
     val_path = os.path.join(cfg.data_dir, f"val_round_{round_}.jsonl")
-    atomic_write(train_path, b"".join(lines[i] for i in train_idx), 0o600, cfg.fsync)
-    atomic_write(val_path, b"".join(lines[i] for i in val_idx), 0o600, cfg.fsync)
-    return train_path, val_path, len(train_idx), len(val_idx)
+    try:
+        n_train, n_val = split_file(source, train_path, val_path, cfg.val_ratio,
+                                    cfg.seed * 1_000_003 + round_, fsync=cfg.fsync)
+    except FileNotFoundError:
+        raise ValueError(f"no data to train on: {source} is missing") from None
+    return train_path, val_path, n_train, n_val
 
 
 def _system_busy(cfg: "Config", sampler: Any) -> str | None:

@@ -418,3 +418,37 @@ def test_a_secret_given_only_to_the_stage_is_kept_out_of_its_log(pipeline):
     log = (pipeline.out_dir / "logs" / "round_1" / "generate.log").read_text()
     assert "key is [ENV_SECRET]" in log and secret not in log
     assert secret not in (pipeline.out_dir / "events.jsonl").read_text()
+
+
+def test_split_streams_with_flat_memory(tmp_path):
+    """A 64 MB input is split by a process whose peak RSS grows far less than the input's size."""
+    source = tmp_path / "clean_round_1.jsonl"
+    block = b"".join(b'{"i": %d, "pad": "%s"}\n' % (i, b"y" * 200) for i in range(1000))
+    with open(source, "wb") as fh:
+        while fh.tell() < 64 << 20:
+            fh.write(block)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def peak_mb(code: str) -> float:
+        # VmHWM of the child itself: rusage would also count the parent's pages until exec
+        code += "\nprint(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')))"
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, check=True)
+        return int(done.stdout.split()[-2]) / 1024
+
+    floor = peak_mb("import heidi.split")
+    split = peak_mb("from heidi.split import split_file; "
+                    f"split_file({str(source)!r}, {str(tmp_path / 't')!r}, {str(tmp_path / 'v')!r},"
+                    " 0.1, 1, fsync=False)")
+    assert split - floor < 24, f"split grew RSS by {split - floor:.0f} MB for a 64 MB input"
+    assert os.path.getsize(tmp_path / "t") + os.path.getsize(tmp_path / "v") == os.path.getsize(source)
+
+
+def test_split_removes_its_temporary_files_on_failure(tmp_path):
+    cfg = _cfg(tmp_path)
+    os.makedirs(cfg.data_dir)
+    (tmp_path / "data" / "clean_round_1.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    os.mkdir(tmp_path / "data" / "val_round_1.jsonl")  # the val file cannot replace a directory
+    with pytest.raises(OSError):
+        split_round(cfg, 1)
+    assert not [name for name in os.listdir(cfg.data_dir) if name.endswith(".tmp")]
