@@ -14,8 +14,8 @@ from .config import Config
 from .errors import RefusedError, RunLocked
 from .limits import apply_limits
 from .lock import lock_holder
-from .machine import Machine, status_view
-from .status import read_state
+from .machine import Machine
+from .status import read_state, status_view
 
 ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
 

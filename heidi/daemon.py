@@ -43,8 +43,9 @@ from .config import Config
 from .core import _precheck_queued, status as core_status
 from .errors import ConfigError, HeidiError, RefusedError, RunLocked
 from .limits import apply_limits
-from .machine import ACTIVE_STATUSES, STATES, Machine, status_view
-from .status import read_state
+from .loop import ACTIVE_STATUSES, STATES
+from .machine import Machine
+from .status import read_state, status_view
 
 API = "/api/v1"
 MAX_BODY_BYTES = 64 * 1024

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import orjson
 
@@ -16,6 +16,10 @@ from ._fast import atomic as _atomic
 from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
 from .errors import StateError
+from .status import read_state
+
+if TYPE_CHECKING:
+    from .config import Config
 
 KEYS = _chain.KEYS
 JournalError = _chain.JournalError
@@ -256,3 +260,14 @@ def verify_journal(path: str, expected_head: tuple[int, str] | None = None) -> t
         if count == want_count and want_hash and head != want_hash:
             raise JournalError(count, "last line's hash differs from the head in state.json")
     return count, head, run_id
+
+
+def verify_run(config: "Config", path: str | None = None) -> tuple[int, str | None, str | None]:
+    """Strict check of a run's journal, and of state.json's head when it is there."""
+    journal = path or config.journal_path
+    head = None
+    state_path = os.path.join(os.path.dirname(journal), "state.json")
+    state = read_state(state_path) if os.path.exists(state_path) else None
+    if state and isinstance(state.get("journal"), dict):
+        head = (state["journal"].get("events", 0), state["journal"].get("head"))
+    return verify_journal(journal, head)

@@ -15,7 +15,7 @@ from ._fast.atomic import atomic_write
 from ._fast.redact import Redactor
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
-from .machine import StageOutcome
+from .loop import StageOutcome
 from .stagelog import StageLog
 
 if TYPE_CHECKING:
