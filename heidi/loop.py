@@ -8,9 +8,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from .errors import StateError
+from .errors import RefusedError, StateError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
 STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
@@ -35,8 +38,63 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("TESTING",    "failed"):   ("ERROR",      "ERROR"),
     ("FINALIZING", "failed"):   ("ERROR",      "ERROR"),
 }
-# Control actions: which (state, status) accept them. train-now: collect mode, waiting in IDLE.
-ACTIVE_STATUSES = ("running", "idle", "paused")
+ACTIVE_STATUSES = ("running", "idle", "paused")  # a run that is not over
+
+
+@dataclass(frozen=True)
+class ActionRule:
+    applies: tuple[str, ...]   # statuses in which the holder of the run applies it
+    noop: tuple[str, ...]      # statuses in which it is already in effect: nothing happens
+    queued: tuple[str, ...]    # statuses in which another process may queue it for the holder
+    refused: str               # the one line when it does not apply
+    mode: str | None = None    # and the run must be in this mode ...
+    state: str | None = None   # ... and this state
+    behind: str | None = None  # also queued, whatever the status, behind this queued action
+
+
+# Control actions, one row each, by the run's status. A request queued while another process
+# holds the run is judged from the last written state.json; the holder judges it again when it
+# applies it (a refusal then is a request_refused warn in the journal).
+ACTIONS: dict[str, ActionRule] = {
+    #                      applies in              no-op in            queued while
+    "stop":      ActionRule(ACTIVE_STATUSES,        (),                 ACTIVE_STATUSES,
+                            "run {run_id} is {status}; nothing to stop"),
+    "pause":     ActionRule(("running", "idle"),    ("paused",),        ACTIVE_STATUSES,
+                            "run {run_id} is {status}; only a running or idle run can pause"),
+    "resume":    ActionRule(("paused",),            ("running", "idle"), ("paused",),
+                            "run {run_id} is {status}, not paused", behind="pause"),
+    "train_now": ActionRule(("idle", "paused"),     (),                 ACTIVE_STATUSES,
+                            "train-now applies in collect mode waiting in IDLE; run {run_id} is "
+                            "in {mode} mode, state {state}, status {status}",
+                            mode="collect", state="IDLE"),
+}
+
+
+def judge_action(action: str, state: Mapping[str, Any], queued: Sequence[str] | None = None) -> bool:
+    """Whether `action` applies to a run in `state` (its state or status view): True to apply it,
+    False when it is already in effect; RefusedError (the row's line) when it does not apply.
+
+    queued: the requests already waiting, when judging one to queue for the holder of the run
+    (None: the caller holds the run and applies it now).
+    """
+    rule = ACTIONS.get(action)
+    if rule is None:
+        raise ValueError(f"unknown action {action!r}")
+    status = state["status"]
+    if queued is None:
+        if status in rule.noop:
+            return False
+        ok = status in rule.applies
+    else:
+        ok = status in rule.queued or (rule.behind is not None and rule.behind in queued)
+    if ok and rule.mode is not None and state["mode"] != rule.mode:
+        ok = False
+    if ok and rule.state is not None and state["state"] != rule.state:
+        ok = False
+    if not ok:
+        raise RefusedError(rule.refused.format(run_id=state["run_id"], status=status,
+                                               mode=state["mode"], state=state["state"]))
+    return True
 
 
 def next_state(state: str, outcome: str, mode: str, run_unit_tests: bool) -> str:
@@ -57,6 +115,21 @@ class StageOutcome:
     error: str | None = None          # one line: "exited with code 3", "timed out after 60 s"
     output_tail: str = ""             # redacted tail of the stage's output
     stopped: bool = False             # ended because a stop was requested
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage runner gets from the machine, and no more."""
+
+    config: "Config"
+    run_id: str
+    stop_requested: Callable[[], bool]  # a stop waits: end the stage (cheap; poll it often)
+    warn: Callable[[str, str], None]    # warn(event_type, message): journal it now, durably
+
+
+# A stage runner: (context, stage, round) -> what running the stage produced. Never raises for
+# the stage's own failure.
+StageRunner = Callable[[StageContext, str, int], StageOutcome]
 
 
 def new_run_id(now_s: float) -> str:

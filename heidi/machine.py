@@ -6,8 +6,9 @@ can always be rebuilt from events.jsonl.
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any, Callable
+from typing import Any
 
 from . import control
 from ._fast import chain as _chain
@@ -17,13 +18,17 @@ from .errors import RefusedError, StateError
 from .journal import JournalWriter, read_tail, verify_run  # noqa: F401
 from .lock import RunLock
 from .loop import (ACTIVE_STATUSES, NEXT_ROUND, STAGE_OF, STATE_OF, STATES, TRANSITIONS,  # noqa: F401
-                   StageOutcome, apply_event, empty_state, new_run_id, next_state)
+                   StageContext, StageOutcome, StageRunner, apply_event, empty_state,
+                   judge_action, new_run_id, next_state)
 from .status import StatusWriter, read_state, status_view
 
-StageRunner = Callable[["Machine", str, int], StageOutcome]
+# What an action the holder applies journals (judge_action says whether it applies).
+_ACTION_EVENTS = {"pause": ("pipeline_pause", "Paused; ticks do nothing until resumed"),
+                  "resume": ("pipeline_resume", "Resumed"),
+                  "train_now": ("train_now", "Train now requested; finalizing the collected data")}
 
 
-def mock_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+def mock_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
     """HEIDI_MOCK_SUBPROCESSES=1: every stage succeeds at once, with a synthetic usage."""
     seed = (round_ * 31 + len(stage)) % 17
     return StageOutcome(ok=True, usage_delta={
@@ -275,7 +280,10 @@ class Machine:
         self._emit("stage_start", f"Starting {stage}", stage=stage)
         if not self.config.mock_subprocesses:
             self._save()  # a crash from here on is seen as an interrupted stage
-        outcome = self.stage_runner(self, stage, round_)
+        ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
+                           stop_requested=self.stop_requested,
+                           warn=functools.partial(self._stage_warn, stage))
+        outcome = self.stage_runner(ctx, stage, round_)
         if outcome.stopped:
             self._emit("pipeline_stop", f"Stopped during {stage}; the stage was terminated",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta)
@@ -285,16 +293,22 @@ class Machine:
                        usage_delta=outcome.usage_delta, counters_delta=outcome.counters_delta,
                        artifact_paths=outcome.artifact_paths)
             self._emit("stage_end", f"Finished {stage}", stage=stage)
-        elif machine_state == "EVALUATING":
-            self._emit("stage_end", f"eval failed, the loop goes on: {outcome.output_tail[-300:]}",
+        elif next_state(machine_state, "failed", state["mode"], state["run_unit_tests"]) != "ERROR":
+            # TRANSITIONS lets the loop go on after this failure (a failed eval): a warn, not an error
+            self._emit("stage_end", f"{stage} failed, the loop goes on: {outcome.output_tail[-300:]}",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta,
-                       error=outcome.error or "eval failed")
+                       error=outcome.error or f"{stage} failed")
         else:
             self._emit("pipeline_error", f"{stage} failed: {outcome.output_tail[-400:]}",
                        stage=stage, level="error", usage_delta=outcome.usage_delta,
                        error=outcome.error or f"{stage} failed")
         if state["stage_status"] == "done":
             self._advance_round()
+        self._save()
+
+    def _stage_warn(self, stage: str, event_type: str, message: str) -> None:
+        """StageContext.warn: a warn event about the running stage, durable at once."""
+        self._emit(event_type, message, stage=stage, level="warn")
         self._save()
 
     def _advance_round(self) -> None:
@@ -312,32 +326,13 @@ class Machine:
     def act(self, action: str) -> None:
         """Apply a control action now (the caller holds the lock). RefusedError if it can't."""
         state = self.require_run()
-        status = state["status"]
+        if not judge_action(action, state):
+            return  # already in effect
         if action == "stop":
-            if status not in ACTIVE_STATUSES:
-                raise RefusedError(f"run {state['run_id']} is {status}; nothing to stop")
             self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
                        stage=state["current_stage"] or "pipeline")
-        elif action == "pause":
-            if state["paused"]:
-                return
-            if status not in ("running", "idle"):
-                raise RefusedError(f"run {state['run_id']} is {status}; only a running or idle run can pause")
-            self._emit("pipeline_pause", "Paused; ticks do nothing until resumed")
-        elif action == "resume":
-            if not state["paused"]:
-                if status in ("running", "idle"):
-                    return
-                raise RefusedError(f"run {state['run_id']} is {status}, not paused")
-            self._emit("pipeline_resume", "Resumed")
-        elif action == "train_now":
-            if state["mode"] != "collect" or state["state"] != "IDLE" or status not in ("idle", "paused"):
-                raise RefusedError(f"train-now applies in collect mode waiting in IDLE; run "
-                                   f"{state['run_id']} is in {state['mode']} mode, state {state['state']}, "
-                                   f"status {status}")
-            self._emit("train_now", "Train now requested; finalizing the collected data")
         else:
-            raise ValueError(f"unknown action {action!r}")
+            self._emit(*_ACTION_EVENTS[action])
         self._save()
 
     def _drop_requests(self, action: str) -> None:

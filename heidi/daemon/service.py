@@ -15,10 +15,10 @@ import orjson
 from .. import control
 from .._version import __version__
 from ..config import Config
-from ..core import _precheck_queued, status as core_status
+from ..core import status as core_status
 from ..errors import HeidiError, RefusedError, one_line
 from ..limits import apply_limits
-from ..loop import ACTIVE_STATUSES, STATES
+from ..loop import ACTIVE_STATUSES, STATES, judge_action
 from ..machine import Machine
 from ..status import read_state, status_view
 from .api import Server, make_server, url
@@ -88,7 +88,7 @@ class Daemon:
                 return 409, {"error": f"no run in {cfg.out_dir}"}
             view = status_view(state, cfg)
             try:
-                _precheck_queued(action, view)
+                judge_action(action, view, queued=view["pending_requests"])
             except RefusedError as exc:
                 return 409, {"error": one_line(exc), "action": action}
             pending = view["pending_requests"]
