@@ -2,7 +2,6 @@
 run from disk and queues control requests through its Daemon; it never touches the Machine."""
 from __future__ import annotations
 
-import functools
 import socket
 import socketserver
 import sys
@@ -28,12 +27,9 @@ MAX_BODY_BYTES = 64 * 1024
 EVENTS_DEFAULT_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
 REQUEST_TIMEOUT_S = 30.0
-
-
-@functools.cache
-def page() -> bytes:
-    """The status page (heidi/page.html, package data: also inside the frozen binary)."""
-    return files("heidi").joinpath("page.html").read_bytes()
+# The status page, package data (bundled by heidi.spec). Read on import, before --detach forks: a
+# one-file frozen heidi deletes its unpacked files once the parent it detached from exits.
+PAGE = files("heidi").joinpath("page.html").read_bytes()
 
 
 def url(host: str, port: int) -> str:
@@ -180,7 +176,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             if path == "/":
                 if self._allow(("GET", "HEAD")):
-                    self._send(200, page(), "text/html; charset=utf-8", {
+                    self._send(200, PAGE, "text/html; charset=utf-8", {
                         "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
                         "style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; "
                         "form-action 'none'; frame-ancestors 'none'",
