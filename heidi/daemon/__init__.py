@@ -25,11 +25,16 @@ from __future__ import annotations
 import os
 
 from ..config import Config
-from .auth import check_bind
+from ..journal import read_events_page
+from .api import PAGE
+from .auth import check_bind, is_loopback
 from .detach import daemonize
+from .metrics import render_metrics
 from .service import Daemon
 
-__all__ = ["Daemon", "check_bind", "run_daemon"]
+# the names heidi/daemon.py had, before it became this package
+__all__ = ["PAGE", "Daemon", "check_bind", "is_loopback", "read_events_page", "render_metrics",
+           "run_daemon"]
 
 
 def run_daemon(config: Config, mode: str | None = None, detach: bool = False,
