@@ -202,7 +202,7 @@ def cmd_action(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .machine import verify_run
+    from .journal import verify_run
     cfg = None
     path = args.path
     if path is None:

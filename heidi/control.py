@@ -8,9 +8,10 @@ from __future__ import annotations
 import os
 import time
 
+from . import loop
 from ._fast import atomic as _atomic
 
-ACTIONS = ("stop", "pause", "resume", "train_now")
+ACTIONS = tuple(loop.ACTIONS)  # stop, pause, resume, train_now: where each applies is loop's table
 
 
 def request(control_dir: str, action: str) -> str:

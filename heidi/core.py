@@ -14,8 +14,9 @@ from .config import Config
 from .errors import RefusedError, RunLocked
 from .limits import apply_limits
 from .lock import lock_holder
-from .machine import Machine, status_view
-from .status import read_state
+from .loop import judge_action
+from .machine import Machine
+from .status import read_state, status_view
 
 ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
 
@@ -74,7 +75,7 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
         view = status_view(state, config)
         if state is None:
             raise RefusedError(f"no run in {config.out_dir}") from None
-        _precheck_queued(action, view)
+        judge_action(action, view, queued=view["pending_requests"])
         control.request(config.control_dir, action)
         view = status_view(read_state(config.state_path), config)
         view["holder_pid"] = lock_holder(config.lock_path)
@@ -86,18 +87,6 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
         return "applied", machine.status()
     finally:
         machine.close()
-
-
-def _precheck_queued(action: str, view: dict[str, Any]) -> None:
-    """Refuse at once what the holder would refuse anyway, judging by the last written state."""
-    status = view["status"]
-    if status in ("completed", "stopped", "error") and action != "resume":
-        raise RefusedError(f"run {view['run_id']} is {status}; nothing to {action.replace('_', '-')}")
-    if action == "train_now" and not (view["mode"] == "collect" and view["state"] == "IDLE"):
-        raise RefusedError(f"train-now applies in collect mode waiting in IDLE; run {view['run_id']} "
-                           f"is in {view['mode']} mode, state {view['state']}")
-    if action == "resume" and not view["paused"] and "pause" not in view["pending_requests"]:
-        raise RefusedError(f"run {view['run_id']} is {status}, not paused")
 
 
 def status(config: Config) -> dict[str, Any]:

@@ -39,3 +39,11 @@ class StateError(HeidiError):
     """state.json or the journal cannot be read or trusted."""
 
     exit_code = EXIT_FAILED
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else ""
+    if isinstance(exc, HeidiError) and line:
+        return line
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__

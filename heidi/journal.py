@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import orjson
 
@@ -16,10 +16,15 @@ from ._fast import atomic as _atomic
 from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
 from .errors import StateError
+from .status import read_state
+
+if TYPE_CHECKING:
+    from .config import Config
 
 KEYS = _chain.KEYS
 JournalError = _chain.JournalError
 _TAIL_READ_BYTES = 64 * 1024
+MAX_EVENT_LINE_BYTES = 1 << 20  # a longer line in a page is reported, not returned
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -256,3 +261,74 @@ def verify_journal(path: str, expected_head: tuple[int, str] | None = None) -> t
         if count == want_count and want_hash and head != want_hash:
             raise JournalError(count, "last line's hash differs from the head in state.json")
     return count, head, run_id
+
+
+def verify_run(config: "Config", path: str | None = None) -> tuple[int, str | None, str | None]:
+    """Strict check of a run's journal, and of state.json's head when it is there."""
+    journal = path or config.journal_path
+    head = None
+    state_path = os.path.join(os.path.dirname(journal), "state.json")
+    state = read_state(state_path) if os.path.exists(state_path) else None
+    if state and isinstance(state.get("journal"), dict):
+        head = (state["journal"].get("events", 0), state["journal"].get("head"))
+    return verify_journal(journal, head)
+
+
+# -- reading a page of events (the daemon's /api/v1/events) ---------------------------------
+
+def _skip_lines(fh: Any, n: int) -> int:
+    """Position fh just after its n-th newline, reading in chunks; returns the lines skipped."""
+    if n <= 0:
+        return 0
+    done = 0
+    pos = 0
+    while True:
+        chunk = fh.read(1 << 16)
+        if not chunk:
+            return done
+        count = chunk.count(b"\n")
+        if done + count < n:
+            done += count
+            pos += len(chunk)
+            continue
+        idx = -1
+        for _ in range(n - done):
+            idx = chunk.index(b"\n", idx + 1)
+        fh.seek(pos + idx + 1)
+        return n
+
+
+def read_events_page(path: str, since: int, limit: int) -> tuple[list[Any], int]:
+    """Events from line since+1 on, at most limit of them, and the `since` of the next page.
+
+    Streams the file (never loads it whole); a last line still being written is left for later.
+    """
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return [], since
+    events: list[Any] = []
+    with fh:
+        line_no = _skip_lines(fh, since)
+        if line_no < since:
+            return [], line_no
+        while len(events) < limit:
+            line = fh.readline(MAX_EVENT_LINE_BYTES + 1)
+            if not line:
+                break
+            if not line.endswith(b"\n"):
+                if len(line) <= MAX_EVENT_LINE_BYTES:
+                    break  # a line being appended right now: the next page has it
+                while line and not line.endswith(b"\n"):  # over-long: skip it, say so
+                    line = fh.readline(1 << 16)
+                if not line:
+                    break
+                line_no += 1
+                events.append({"line": line_no, "error": "line over 1 MiB"})
+                continue
+            line_no += 1
+            try:
+                events.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                events.append({"line": line_no, "error": f"invalid JSON ({exc})"[:200]})
+    return events, line_no

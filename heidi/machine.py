@@ -6,161 +6,35 @@ can always be rebuilt from events.jsonl.
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
-import secrets
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import control
 from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
-from .journal import JournalWriter, read_tail, verify_journal
+from .journal import JournalWriter, read_tail, verify_run  # noqa: F401
 from .lock import RunLock
-from .status import StatusWriter, read_state
+from .loop import (ACTIVE_STATUSES, NEXT_ROUND, STAGE_OF, STATE_OF, STATES, TRANSITIONS,  # noqa: F401
+                   StageContext, StageOutcome, StageRunner, apply_event, empty_state,
+                   judge_action, new_run_id, next_state)
+from .status import StatusWriter, read_state, status_view
 
-STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
-STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
-            "FINALIZING": "train", "EVALUATING": "eval"}
-STATE_OF = {stage: state for state, stage in STAGE_OF.items()}
-NEXT_ROUND = "NEXT_ROUND"  # COLLECTING of the next round, or IDLE (completed) after the last
-
-# The loop, one row per (state, outcome of its stage) -> next state in (full, collect) mode.
-# A tick in a stage state runs that stage; "ok+tests" is a success with RUN_UNIT_TESTS=1.
-# Any other failing stage is fail-closed: pipeline_error, ERROR.
-TRANSITIONS: dict[tuple[str, str], tuple[str, str]] = {
-    # (state,        outcome)      full           collect
-    ("COLLECTING", "ok"):       ("VALIDATING", "VALIDATING"),
-    ("VALIDATING", "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
-    ("VALIDATING", "ok+tests"): ("TESTING",    "TESTING"),
-    ("TESTING",    "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
-    ("FINALIZING", "ok"):       ("EVALUATING", "EVALUATING"),
-    ("EVALUATING", "ok"):       (NEXT_ROUND,   NEXT_ROUND),
-    ("EVALUATING", "failed"):   (NEXT_ROUND,   NEXT_ROUND),  # a failed eval is a warn only
-    ("COLLECTING", "failed"):   ("ERROR",      "ERROR"),
-    ("VALIDATING", "failed"):   ("ERROR",      "ERROR"),
-    ("TESTING",    "failed"):   ("ERROR",      "ERROR"),
-    ("FINALIZING", "failed"):   ("ERROR",      "ERROR"),
-}
-# Control actions: which (state, status) accept them. train-now: collect mode, waiting in IDLE.
-ACTIVE_STATUSES = ("running", "idle", "paused")
+# What an action the holder applies journals (judge_action says whether it applies).
+_ACTION_EVENTS = {"pause": ("pipeline_pause", "Paused; ticks do nothing until resumed"),
+                  "resume": ("pipeline_resume", "Resumed"),
+                  "train_now": ("train_now", "Train now requested; finalizing the collected data")}
 
 
-def next_state(state: str, outcome: str, mode: str, run_unit_tests: bool) -> str:
-    if outcome == "ok" and state == "VALIDATING" and run_unit_tests:
-        outcome = "ok+tests"
-    full, collect = TRANSITIONS[(state, outcome)]
-    return collect if mode == "collect" else full
-
-
-@dataclass
-class StageOutcome:
-    """What running one stage produced."""
-
-    ok: bool
-    usage_delta: dict[str, float] = field(default_factory=dict)
-    counters_delta: dict[str, int] = field(default_factory=dict)
-    artifact_paths: list[str] = field(default_factory=list)
-    error: str | None = None          # one line: "exited with code 3", "timed out after 60 s"
-    output_tail: str = ""             # redacted tail of the stage's output
-    stopped: bool = False             # ended because a stop was requested
-
-
-StageRunner = Callable[["Machine", str, int], StageOutcome]
-
-
-def mock_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+def mock_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
     """HEIDI_MOCK_SUBPROCESSES=1: every stage succeeds at once, with a synthetic usage."""
     seed = (round_ * 31 + len(stage)) % 17
     return StageOutcome(ok=True, usage_delta={
         "memory_mb_delta": 1.0 + seed / 4, "cpu_pct": 10.0 + seed,
         "system_mem_available_kb_delta": -1024 * (seed + 1), "system_cpu_pct": 5.0 + seed / 2,
         "wall_ms": 0.0})
-
-
-def new_run_id(now_s: float) -> str:
-    return time.strftime("run_%Y%m%d_%H%M%S_", time.gmtime(now_s)) + secrets.token_hex(4)
-
-
-_START_RE = re.compile(r"mode=(full|collect), rounds=(\d+), run_unit_tests=([01])")
-
-
-def empty_state() -> dict[str, Any]:
-    return {
-        "run_id": None, "status": "idle", "state": "IDLE", "mode": "full", "current_round": 0,
-        "rounds": 0, "run_unit_tests": False, "current_stage": None, "stage_status": None,
-        "paused": False, "stop_requested": False, "pause_requested": False,
-        "counters": {}, "usage": {}, "started_at": None, "updated_at": None,
-        "journal": {"events": 0, "head": None, "bytes": 0}, "last_error": None,
-    }
-
-
-def _add(total: dict, delta: dict) -> None:
-    for key, value in delta.items():
-        total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else total.get(key, 0) + value
-
-
-def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
-    """Fold one event into the state. Pure bookkeeping; the decisions live in the machine."""
-    kind = event["event_type"]
-    state["updated_at"] = event["ts"]
-    if event["counters_delta"]:
-        _add(state["counters"], event["counters_delta"])
-    if event["usage_delta"]:
-        _add(state["usage"], event["usage_delta"])
-    if kind == "pipeline_start":
-        match = _START_RE.search(event["message"])
-        if match is None:
-            raise StateError("pipeline_start event does not record mode, rounds and run_unit_tests")
-        state.update(run_id=event["run_id"], status="running", state="IDLE", current_round=0,
-                     mode=match.group(1), rounds=int(match.group(2)),
-                     run_unit_tests=match.group(3) == "1", started_at=event["ts"],
-                     current_stage=None, stage_status=None, last_error=None)
-    elif kind == "round_start":
-        state.update(current_round=event["round"], state="COLLECTING", stage_status="pending",
-                     current_stage="generate")
-        if not state["paused"]:
-            state["status"] = "running"
-    elif kind == "stage_start":
-        state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
-                     stage_status="running")
-    elif kind == "stage_interrupted":
-        state["stage_status"] = "pending"
-    elif kind == "script_success":
-        # The stage's work is done: a crash before stage_end must not run it again.
-        state["stage_status"] = "succeeded"
-    elif kind == "stage_end":
-        stage_state = STATE_OF[event["stage"]]
-        outcome = "failed" if event["level"] == "warn" else "ok"
-        nxt = next_state(stage_state, outcome, state["mode"], state["run_unit_tests"])
-        if nxt == NEXT_ROUND:
-            state["stage_status"] = "done"  # round_start or pipeline_complete follows
-        else:
-            state.update(state=nxt, stage_status="pending" if nxt != "IDLE" else None,
-                         current_stage=STAGE_OF.get(nxt))
-            if nxt == "IDLE" and not state["paused"]:
-                state["status"] = "idle"  # collect mode: waiting for train-now
-    elif kind == "pipeline_error":
-        state.update(state="ERROR", status="error", stage_status=None, last_error=event["error"],
-                     paused=False, pause_requested=False)
-    elif kind == "pipeline_stop":
-        state.update(state="IDLE", status="stopped", stage_status=None, stop_requested=False,
-                     paused=False, pause_requested=False)
-    elif kind == "pipeline_complete":
-        state.update(state="IDLE", status="completed", stage_status=None, current_stage=None,
-                     paused=False, pause_requested=False)
-    elif kind == "pipeline_pause":
-        state.update(paused=True, pause_requested=False, status="paused")
-    elif kind == "pipeline_resume":
-        state["paused"] = False
-        state["status"] = "idle" if state["state"] == "IDLE" else "running"
-    elif kind == "train_now":
-        state.update(state="FINALIZING", stage_status="pending", current_stage="train")
-        if not state["paused"]:
-            state["status"] = "running"
 
 
 class Machine:
@@ -406,7 +280,10 @@ class Machine:
         self._emit("stage_start", f"Starting {stage}", stage=stage)
         if not self.config.mock_subprocesses:
             self._save()  # a crash from here on is seen as an interrupted stage
-        outcome = self.stage_runner(self, stage, round_)
+        ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
+                           stop_requested=self.stop_requested,
+                           warn=functools.partial(self._stage_warn, stage))
+        outcome = self.stage_runner(ctx, stage, round_)
         if outcome.stopped:
             self._emit("pipeline_stop", f"Stopped during {stage}; the stage was terminated",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta)
@@ -416,16 +293,22 @@ class Machine:
                        usage_delta=outcome.usage_delta, counters_delta=outcome.counters_delta,
                        artifact_paths=outcome.artifact_paths)
             self._emit("stage_end", f"Finished {stage}", stage=stage)
-        elif machine_state == "EVALUATING":
-            self._emit("stage_end", f"eval failed, the loop goes on: {outcome.output_tail[-300:]}",
+        elif next_state(machine_state, "failed", state["mode"], state["run_unit_tests"]) != "ERROR":
+            # TRANSITIONS lets the loop go on after this failure (a failed eval): a warn, not an error
+            self._emit("stage_end", f"{stage} failed, the loop goes on: {outcome.output_tail[-300:]}",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta,
-                       error=outcome.error or "eval failed")
+                       error=outcome.error or f"{stage} failed")
         else:
             self._emit("pipeline_error", f"{stage} failed: {outcome.output_tail[-400:]}",
                        stage=stage, level="error", usage_delta=outcome.usage_delta,
                        error=outcome.error or f"{stage} failed")
         if state["stage_status"] == "done":
             self._advance_round()
+        self._save()
+
+    def _stage_warn(self, stage: str, event_type: str, message: str) -> None:
+        """StageContext.warn: a warn event about the running stage, durable at once."""
+        self._emit(event_type, message, stage=stage, level="warn")
         self._save()
 
     def _advance_round(self) -> None:
@@ -443,32 +326,13 @@ class Machine:
     def act(self, action: str) -> None:
         """Apply a control action now (the caller holds the lock). RefusedError if it can't."""
         state = self.require_run()
-        status = state["status"]
+        if not judge_action(action, state):
+            return  # already in effect
         if action == "stop":
-            if status not in ACTIVE_STATUSES:
-                raise RefusedError(f"run {state['run_id']} is {status}; nothing to stop")
             self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
                        stage=state["current_stage"] or "pipeline")
-        elif action == "pause":
-            if state["paused"]:
-                return
-            if status not in ("running", "idle"):
-                raise RefusedError(f"run {state['run_id']} is {status}; only a running or idle run can pause")
-            self._emit("pipeline_pause", "Paused; ticks do nothing until resumed")
-        elif action == "resume":
-            if not state["paused"]:
-                if status in ("running", "idle"):
-                    return
-                raise RefusedError(f"run {state['run_id']} is {status}, not paused")
-            self._emit("pipeline_resume", "Resumed")
-        elif action == "train_now":
-            if state["mode"] != "collect" or state["state"] != "IDLE" or status not in ("idle", "paused"):
-                raise RefusedError(f"train-now applies in collect mode waiting in IDLE; run "
-                                   f"{state['run_id']} is in {state['mode']} mode, state {state['state']}, "
-                                   f"status {status}")
-            self._emit("train_now", "Train now requested; finalizing the collected data")
         else:
-            raise ValueError(f"unknown action {action!r}")
+            self._emit(*_ACTION_EVENTS[action])
         self._save()
 
     def _drop_requests(self, action: str) -> None:
@@ -483,36 +347,3 @@ class Machine:
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return status_view(self.state, self.config)
-
-
-def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
-    """What `heidi status --json` and the API show: the state plus pending control requests."""
-    pending = [a for _, a in control.pending(config.control_dir)]
-    if state is None:
-        return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
-                "stage": None, "paused": False, "out_dir": config.out_dir,
-                "pending_requests": pending}
-    view = {
-        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
-        "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
-        "stage": state["current_stage"], "stage_status": state["stage_status"],
-        "paused": state["paused"],
-        "stop_requested": state["stop_requested"] or "stop" in pending,
-        "pause_requested": state["pause_requested"] or "pause" in pending,
-        "run_unit_tests": state["run_unit_tests"], "counters": state["counters"],
-        "usage": state["usage"], "started_at": state["started_at"],
-        "updated_at": state["updated_at"], "last_error": state["last_error"],
-        "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
-    }
-    return view
-
-
-def verify_run(config: Config, path: str | None = None) -> tuple[int, str | None, str | None]:
-    """Strict check of a run's journal, and of state.json's head when it is there."""
-    journal = path or config.journal_path
-    head = None
-    state_path = os.path.join(os.path.dirname(journal), "state.json")
-    state = read_state(state_path) if os.path.exists(state_path) else None
-    if state and isinstance(state.get("journal"), dict):
-        head = (state["journal"].get("events", 0), state["journal"].get("head"))
-    return verify_journal(journal, head)

@@ -13,13 +13,12 @@ from ._fast import procstat
 from ._fast.redact import Redactor
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
-from .machine import StageOutcome
+from .loop import StageContext, StageOutcome
 from .split import split_file
 from .stagelog import StageLog
 
 if TYPE_CHECKING:
     from .config import Config
-    from .machine import Machine
 
 THROTTLE_EVENT_EVERY_S = 300.0   # one pipeline_throttled event per 5 minutes of waiting
 GOVERNOR_SAMPLE_S = 0.25
@@ -102,13 +101,13 @@ def _system_busy(cfg: "Config", sampler: Any) -> str | None:
     return "; ".join(reasons) or None
 
 
-def govern(machine: "Machine", stage: str, sampler: Any) -> StageOutcome | None:
+def govern(ctx: StageContext, stage: str, sampler: Any) -> StageOutcome | None:
     """Hold the stage while the system is over its CPU/memory limits (design.md §6).
 
     Returns None when the stage may start, or the outcome that ends it (stopped, or failed after
     MAX_WALL_TIME_MINUTES of waiting).
     """
-    cfg = machine.config
+    cfg = ctx.config
     if cfg.max_cpu_pct >= 100.0 and cfg.max_mem_pct >= 100.0:
         return None
     started = time.monotonic()
@@ -124,24 +123,22 @@ def govern(machine: "Machine", stage: str, sampler: Any) -> StageOutcome | None:
                                 f"min (MAX_WALL_TIME_MINUTES): {reason}",
                                 output_tail=f"governor gave up waiting: {reason}")
         if last_event is None or time.monotonic() - last_event >= THROTTLE_EVENT_EVERY_S:
-            machine._emit("pipeline_throttled", f"holding {stage}: {reason}", stage=stage, level="warn")
-            machine._save()
+            ctx.warn("pipeline_throttled", f"holding {stage}: {reason}")
             last_event = time.monotonic()
-        if machine.stop_requested():
+        if ctx.stop_requested():
             return StageOutcome(ok=False, stopped=True, error="stopped")
         time.sleep(min(1.0, max(0.05, limit_s - waited)))
 
 
-def run_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+def run_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
     """Run one stage for real and describe how it went; never raises for a stage's own failure."""
     with procstat.Sampler() as sampler:
-        return _run_stage(machine, stage, round_, sampler)
+        return _run_stage(ctx, stage, round_, sampler)
 
 
-def _run_stage(machine: "Machine", stage: str, round_: int, sampler: Any) -> StageOutcome:
-    cfg = machine.config
-    state = machine.state or {}
-    held = govern(machine, stage, sampler)
+def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> StageOutcome:
+    cfg = ctx.config
+    held = govern(ctx, stage, sampler)
     if held is not None:
         return held
     for path in (cfg.data_dir, cfg.eval_dir, os.path.join(cfg.logs_dir, f"round_{round_}")):
@@ -155,7 +152,7 @@ def _run_stage(machine: "Machine", stage: str, round_: int, sampler: Any) -> Sta
         counters = {"train_samples": n_train, "val_samples": n_val}
     stage_cfg = cfg.stages[stage]
     values = placeholders(cfg, round_)
-    values["run_id"] = state.get("run_id") or ""
+    values["run_id"] = ctx.run_id
     argv = build_argv(stage_cfg.command, values)
     env = child_env(cfg, stage, round_, values["run_id"], stage_cfg.env)
     # The stage's own environment (heidi.toml's [stages.X] env included) decides which values
@@ -166,7 +163,7 @@ def _run_stage(machine: "Machine", stage: str, round_: int, sampler: Any) -> Sta
     try:
         result = run_supervised(argv, cwd=cfg.out_dir, env=env, timeout_s=stage_cfg.timeout_s,
                                 grace_s=cfg.kill_grace_s, on_output=log.write,
-                                should_stop=machine.stop_requested)
+                                should_stop=ctx.stop_requested)
     finally:
         log.close()
     after = sampler.sample()

@@ -1,13 +1,18 @@
-"""state.json: the whole current state of a run, replaced atomically (design.md §3.2)."""
+"""state.json: the whole current state of a run, replaced atomically (design.md §3.2), and the
+status view that `heidi status --json` and the API show of it."""
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import control
 from ._fast import atomic as _atomic
 from .errors import StateError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class StatusWriter:
@@ -41,3 +46,25 @@ def read_state(path: str) -> dict[str, Any] | None:
     if not isinstance(state, dict):
         raise StateError(f"{path}: not a JSON object")
     return state
+
+
+def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
+    """What `heidi status --json` and the API show: the state plus pending control requests."""
+    pending = [a for _, a in control.pending(config.control_dir)]
+    if state is None:
+        return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
+                "stage": None, "paused": False, "out_dir": config.out_dir,
+                "pending_requests": pending}
+    view = {
+        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
+        "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
+        "stage": state["current_stage"], "stage_status": state["stage_status"],
+        "paused": state["paused"],
+        "stop_requested": state["stop_requested"] or "stop" in pending,
+        "pause_requested": state["pause_requested"] or "pause" in pending,
+        "run_unit_tests": state["run_unit_tests"], "counters": state["counters"],
+        "usage": state["usage"], "started_at": state["started_at"],
+        "updated_at": state["updated_at"], "last_error": state["last_error"],
+        "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
+    }
+    return view

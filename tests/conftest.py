@@ -38,3 +38,12 @@ def fast_impl(impl_kind):
                 raise
             pytest.skip(f"compiled heidi._fast._{name}_c not built: {exc}")
     return get
+
+
+@pytest.fixture
+def clean_heidi_settings(monkeypatch, tmp_path):
+    """No heidi setting from the developer's shell, and no stray ./heidi.toml (cwd: tmp_path)."""
+    from helpers_loop import ENV_SETTINGS
+    for name in ENV_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)

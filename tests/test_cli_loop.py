@@ -19,12 +19,9 @@ from heidi.lock import RunLock
 from heidi.machine import Machine, StageOutcome, mock_stage
 from heidi.status import read_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL_STAGES = ("generate", "validate", "train", "eval")
-STAGE_EVENTS = ("stage_start", "script_success", "stage_end")
+from helpers_loop import ENV_SETTINGS, REPO, expected_full
+
 STATUS_KEYS = {"state", "round", "mode", "run_id", "status", "stage", "paused"}
-_ENV_SETTINGS = ("RUN_ID", "OUT_DIR", "HEIDI_MODE", "ROUNDS", "RUN_UNIT_TESTS", "HEIDI_CONFIG",
-                 "HEIDI_MOCK_SUBPROCESSES", "HEIDI_FSYNC", "HEIDI_CLOCK", "HEIDI_REPO_ROOT")
 
 
 class Heidi:
@@ -33,7 +30,7 @@ class Heidi:
     def __init__(self, tmp_path, **env: str) -> None:
         self.out_dir = str(tmp_path / "out")
         self.cwd = str(tmp_path)
-        base = {k: v for k, v in os.environ.items() if k not in _ENV_SETTINGS}
+        base = {k: v for k, v in os.environ.items() if k not in ENV_SETTINGS}
         base.update(PYTHONPATH=REPO, HEIDI_MOCK_SUBPROCESSES="1", HEIDI_FSYNC="0", ROUNDS="2")
         base.update(env)
         self.env = base
@@ -76,13 +73,6 @@ class Heidi:
 def one_line(text: str) -> str:
     assert text.endswith("\n") and text.count("\n") == 1, repr(text)
     return text.strip()
-
-
-def expected_full(rounds: int, stages=FULL_STAGES) -> list[str]:
-    seq = ["pipeline_start"]
-    for _ in range(rounds):
-        seq += ["round_start"] + [k for _ in stages for k in STAGE_EVENTS]
-    return seq + ["pipeline_complete"]
 
 
 @pytest.fixture

@@ -18,22 +18,18 @@ import orjson
 import pytest
 
 from heidi.config import Config
-from heidi.journal import read_events
 from heidi.errors import RunLocked
+from heidi.journal import read_events, verify_run
 from heidi.lock import lock_holder
-from heidi.machine import verify_run
 from heidi.status import read_state
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE_EVENTS = ("stage_start", "script_success", "stage_end")
-FULL_STAGES = ("generate", "validate", "train", "eval")
+from helpers_loop import ENV_SETTINGS, FULL_STAGES, REPO, STAGE_EVENTS
+
 RECOVERY_EVENTS = ("state_recovered", "journal_repaired")
-_ENV_SETTINGS = ("RUN_ID", "OUT_DIR", "HEIDI_MODE", "ROUNDS", "RUN_UNIT_TESTS", "HEIDI_CONFIG",
-                 "HEIDI_MOCK_SUBPROCESSES", "HEIDI_FSYNC", "HEIDI_CLOCK", "HEIDI_REPO_ROOT")
 
 
 def heidi_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _ENV_SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in ENV_SETTINGS}
     env.update(PYTHONPATH=REPO, HEIDI_MOCK_SUBPROCESSES="1")
     env.update(extra)
     return env

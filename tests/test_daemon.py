@@ -17,13 +17,12 @@ import time
 import orjson
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers_loop import ENV_SETTINGS, REPO
+
 TOKEN = "t0ken-for-tests-7c1f9e"
 # Settings a developer's shell might export; the tests pin their own.
-_SCRUB = ("RUN_ID", "OUT_DIR", "HEIDI_MODE", "ROUNDS", "RUN_UNIT_TESTS", "HEIDI_CONFIG",
-          "HEIDI_MOCK_SUBPROCESSES", "HEIDI_FSYNC", "HEIDI_CLOCK", "HEIDI_REPO_ROOT", "HEIDI_HOST",
-          "HEIDI_PORT", "HEIDI_API_TOKEN", "HEIDI_PYTHON", "MAX_CPU_PCT", "MAX_MEM_PCT",
-          "HEIDI_KILL_GRACE_S", "HEIDI_STAGE_TIMEOUT_S")
+_SCRUB = ENV_SETTINGS + ("HEIDI_HOST", "HEIDI_PORT", "HEIDI_API_TOKEN", "HEIDI_PYTHON",
+                         "MAX_CPU_PCT", "MAX_MEM_PCT", "HEIDI_KILL_GRACE_S", "HEIDI_STAGE_TIMEOUT_S")
 METRIC_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\\n]|\\.)*",?)*\})? '
                          r'(-?[0-9.eE+-]+|NaN|[+-]Inf)$')
 

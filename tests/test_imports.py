@@ -1,7 +1,10 @@
 """Every module imports on its own in a fresh interpreter (catches import cycles; PyInstaller needs
-it), and `heidi version --verbose` tells truthfully which _fast modules are compiled."""
+it), the package's module-level imports form a tree (no circle, config/clock/errors at the bottom,
+cli at the top, no private name imported across modules), and `heidi version --verbose` tells
+truthfully which _fast modules are compiled."""
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.machinery
 import os
@@ -80,6 +83,123 @@ def test_module_imports_alone(module):
     result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                             text=True, env=_env(), cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def _module_path(module: str) -> str:
+    base = os.path.join(ROOT, *module.split("."))
+    return os.path.join(base, "__init__.py") if os.path.isdir(base) else base + ".py"
+
+
+def _import_time_statements(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements run when the module is imported: not function bodies, not TYPE_CHECKING."""
+    out: list[ast.stmt] = []
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if isinstance(node, ast.If):
+            test = node.test
+            name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
+            if name != "TYPE_CHECKING":
+                out += _import_time_statements(node.body)
+            out += _import_time_statements(node.orelse)
+        elif isinstance(node, ast.Try):
+            for part in (node.body, node.orelse, node.finalbody, *(h.body for h in node.handlers)):
+                out += _import_time_statements(part)
+        elif isinstance(node, (ast.With, ast.ClassDef)):
+            out += _import_time_statements(node.body)
+        else:
+            out.append(node)
+    return out
+
+
+def _imports(module: str, modules: set[str]) -> list[tuple[str, str]]:
+    """(heidi module imported, name taken from it or "") for every import-time import of module."""
+    with open(_module_path(module), encoding="utf-8") as fh:
+        tree = ast.parse(fh.read())
+    package = module if _module_path(module).endswith("__init__.py") else module.rpartition(".")[0]
+    found: list[tuple[str, str]] = []
+    for node in _import_time_statements(tree.body):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "") for a in node.names if a.name.split(".")[0] == "heidi"]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            if base.split(".")[0] != "heidi":
+                continue
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                found.append((sub, "") if sub in modules else (base, alias.name))
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = set(_python_modules())
+    return {m: {dep for dep, _ in _imports(m, modules) if dep in modules and dep != m}
+            for m in modules}
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as [a, b, ..., a], or None."""
+    done: set[str] = set()
+    path: list[str] = []
+    on_path: set[str] = set()
+
+    def visit(node: str) -> list[str] | None:
+        path.append(node)
+        on_path.add(node)
+        for dep in sorted(graph.get(node, ())):
+            if dep in on_path:
+                return path[path.index(dep):] + [dep]
+            if dep not in done:
+                found = visit(dep)
+                if found:
+                    return found
+        on_path.discard(path.pop())
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        if node not in done:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_cycle_finder_finds_a_circle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_circle():
+    graph = _import_graph()
+    assert {"heidi.machine", "heidi.stages", "heidi.loop"} <= set(graph)
+    assert "heidi.loop" in graph["heidi.stages"]  # the graph sees relative imports
+    cycle = _find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle or ())
+
+
+def test_imports_form_layers():
+    """errors at the bottom, then clock and config; the pure loop only above them; nothing but
+    __main__ imports the CLI."""
+    graph = _import_graph()
+    assert graph["heidi.errors"] == set()
+    assert graph["heidi.clock"] <= {"heidi.errors"}
+    assert graph["heidi.config"] <= {"heidi.errors"}
+    assert graph["heidi.loop"] <= {"heidi.errors", "heidi.clock", "heidi.config"}
+    assert graph["heidi.stages"].isdisjoint({"heidi.machine", "heidi.core"})
+    assert [m for m, deps in graph.items() if "heidi.cli" in deps] == ["heidi.__main__"]
+
+
+def test_no_private_name_imported_across_modules():
+    modules = set(_python_modules())
+    private = [f"{m} imports {name} from {dep}" for m in sorted(modules)
+               for dep, name in _imports(m, modules)
+               if name.startswith("_") and not name.startswith("__")]
+    assert private == []
 
 
 def test_main_module_alone_runs_cli():

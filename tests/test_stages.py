@@ -15,7 +15,8 @@ import pytest
 from heidi.config import Config
 from heidi.stages import build_argv, split_round
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers_loop import REPO
+
 TOKEN = "ghp_" + "Q" * 36
 
 # Minimal stage scripts keeping the upstream contract: each writes the file after --output.

@@ -1,0 +1,214 @@
+"""The loop itself, pure (design.md §4): its states, the transition table, what a stage's run
+produced, and how one event folds into the state. No I/O: the machine decides and journals, this
+module only says what follows what, so replaying a journal through `apply_event` rebuilds a state.
+"""
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+from .errors import RefusedError, StateError
+
+if TYPE_CHECKING:
+    from .config import Config
+
+STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
+STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
+            "FINALIZING": "train", "EVALUATING": "eval"}
+STATE_OF = {stage: state for state, stage in STAGE_OF.items()}
+NEXT_ROUND = "NEXT_ROUND"  # COLLECTING of the next round, or IDLE (completed) after the last
+
+# The loop, one row per (state, outcome of its stage) -> next state in (full, collect) mode.
+# A tick in a stage state runs that stage; "ok+tests" is a success with RUN_UNIT_TESTS=1.
+# Any other failing stage is fail-closed: pipeline_error, ERROR.
+TRANSITIONS: dict[tuple[str, str], tuple[str, str]] = {
+    # (state,        outcome)      full           collect
+    ("COLLECTING", "ok"):       ("VALIDATING", "VALIDATING"),
+    ("VALIDATING", "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
+    ("VALIDATING", "ok+tests"): ("TESTING",    "TESTING"),
+    ("TESTING",    "ok"):       ("FINALIZING", "IDLE"),      # collect: wait for train-now
+    ("FINALIZING", "ok"):       ("EVALUATING", "EVALUATING"),
+    ("EVALUATING", "ok"):       (NEXT_ROUND,   NEXT_ROUND),
+    ("EVALUATING", "failed"):   (NEXT_ROUND,   NEXT_ROUND),  # a failed eval is a warn only
+    ("COLLECTING", "failed"):   ("ERROR",      "ERROR"),
+    ("VALIDATING", "failed"):   ("ERROR",      "ERROR"),
+    ("TESTING",    "failed"):   ("ERROR",      "ERROR"),
+    ("FINALIZING", "failed"):   ("ERROR",      "ERROR"),
+}
+ACTIVE_STATUSES = ("running", "idle", "paused")  # a run that is not over
+
+
+@dataclass(frozen=True)
+class ActionRule:
+    applies: tuple[str, ...]   # statuses in which the holder of the run applies it
+    noop: tuple[str, ...]      # statuses in which it is already in effect: nothing happens
+    queued: tuple[str, ...]    # statuses in which another process may queue it for the holder
+    refused: str               # the one line when it does not apply
+    mode: str | None = None    # and the run must be in this mode ...
+    state: str | None = None   # ... and this state
+    behind: str | None = None  # also queued, whatever the status, behind this queued action
+
+
+# Control actions, one row each, by the run's status. A request queued while another process
+# holds the run is judged from the last written state.json; the holder judges it again when it
+# applies it (a refusal then is a request_refused warn in the journal).
+ACTIONS: dict[str, ActionRule] = {
+    #                      applies in              no-op in            queued while
+    "stop":      ActionRule(ACTIVE_STATUSES,        (),                 ACTIVE_STATUSES,
+                            "run {run_id} is {status}; nothing to stop"),
+    "pause":     ActionRule(("running", "idle"),    ("paused",),        ACTIVE_STATUSES,
+                            "run {run_id} is {status}; only a running or idle run can pause"),
+    "resume":    ActionRule(("paused",),            ("running", "idle"), ("paused",),
+                            "run {run_id} is {status}, not paused", behind="pause"),
+    "train_now": ActionRule(("idle", "paused"),     (),                 ACTIVE_STATUSES,
+                            "train-now applies in collect mode waiting in IDLE; run {run_id} is "
+                            "in {mode} mode, state {state}, status {status}",
+                            mode="collect", state="IDLE"),
+}
+
+
+def judge_action(action: str, state: Mapping[str, Any], queued: Sequence[str] | None = None) -> bool:
+    """Whether `action` applies to a run in `state` (its state or status view): True to apply it,
+    False when it is already in effect; RefusedError (the row's line) when it does not apply.
+
+    queued: the requests already waiting, when judging one to queue for the holder of the run
+    (None: the caller holds the run and applies it now).
+    """
+    rule = ACTIONS.get(action)
+    if rule is None:
+        raise ValueError(f"unknown action {action!r}")
+    status = state["status"]
+    if queued is None:
+        if status in rule.noop:
+            return False
+        ok = status in rule.applies
+    else:
+        ok = status in rule.queued or (rule.behind is not None and rule.behind in queued)
+    if ok and rule.mode is not None and state["mode"] != rule.mode:
+        ok = False
+    if ok and rule.state is not None and state["state"] != rule.state:
+        ok = False
+    if not ok:
+        raise RefusedError(rule.refused.format(run_id=state["run_id"], status=status,
+                                               mode=state["mode"], state=state["state"]))
+    return True
+
+
+def next_state(state: str, outcome: str, mode: str, run_unit_tests: bool) -> str:
+    if outcome == "ok" and state == "VALIDATING" and run_unit_tests:
+        outcome = "ok+tests"
+    full, collect = TRANSITIONS[(state, outcome)]
+    return collect if mode == "collect" else full
+
+
+@dataclass
+class StageOutcome:
+    """What running one stage produced."""
+
+    ok: bool
+    usage_delta: dict[str, float] = field(default_factory=dict)
+    counters_delta: dict[str, int] = field(default_factory=dict)
+    artifact_paths: list[str] = field(default_factory=list)
+    error: str | None = None          # one line: "exited with code 3", "timed out after 60 s"
+    output_tail: str = ""             # redacted tail of the stage's output
+    stopped: bool = False             # ended because a stop was requested
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage runner gets from the machine, and no more."""
+
+    config: "Config"
+    run_id: str
+    stop_requested: Callable[[], bool]  # a stop waits: end the stage (cheap; poll it often)
+    warn: Callable[[str, str], None]    # warn(event_type, message): journal it now, durably
+
+
+# A stage runner: (context, stage, round) -> what running the stage produced. Never raises for
+# the stage's own failure.
+StageRunner = Callable[[StageContext, str, int], StageOutcome]
+
+
+def new_run_id(now_s: float) -> str:
+    return time.strftime("run_%Y%m%d_%H%M%S_", time.gmtime(now_s)) + secrets.token_hex(4)
+
+
+_START_RE = re.compile(r"mode=(full|collect), rounds=(\d+), run_unit_tests=([01])")
+
+
+def empty_state() -> dict[str, Any]:
+    return {
+        "run_id": None, "status": "idle", "state": "IDLE", "mode": "full", "current_round": 0,
+        "rounds": 0, "run_unit_tests": False, "current_stage": None, "stage_status": None,
+        "paused": False, "stop_requested": False, "pause_requested": False,
+        "counters": {}, "usage": {}, "started_at": None, "updated_at": None,
+        "journal": {"events": 0, "head": None, "bytes": 0}, "last_error": None,
+    }
+
+
+def _add(total: dict, delta: dict) -> None:
+    for key, value in delta.items():
+        total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else total.get(key, 0) + value
+
+
+def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
+    """Fold one event into the state. Pure bookkeeping; the decisions live in the machine."""
+    kind = event["event_type"]
+    state["updated_at"] = event["ts"]
+    if event["counters_delta"]:
+        _add(state["counters"], event["counters_delta"])
+    if event["usage_delta"]:
+        _add(state["usage"], event["usage_delta"])
+    if kind == "pipeline_start":
+        match = _START_RE.search(event["message"])
+        if match is None:
+            raise StateError("pipeline_start event does not record mode, rounds and run_unit_tests")
+        state.update(run_id=event["run_id"], status="running", state="IDLE", current_round=0,
+                     mode=match.group(1), rounds=int(match.group(2)),
+                     run_unit_tests=match.group(3) == "1", started_at=event["ts"],
+                     current_stage=None, stage_status=None, last_error=None)
+    elif kind == "round_start":
+        state.update(current_round=event["round"], state="COLLECTING", stage_status="pending",
+                     current_stage="generate")
+        if not state["paused"]:
+            state["status"] = "running"
+    elif kind == "stage_start":
+        state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
+                     stage_status="running")
+    elif kind == "stage_interrupted":
+        state["stage_status"] = "pending"
+    elif kind == "script_success":
+        # The stage's work is done: a crash before stage_end must not run it again.
+        state["stage_status"] = "succeeded"
+    elif kind == "stage_end":
+        stage_state = STATE_OF[event["stage"]]
+        outcome = "failed" if event["level"] == "warn" else "ok"
+        nxt = next_state(stage_state, outcome, state["mode"], state["run_unit_tests"])
+        if nxt == NEXT_ROUND:
+            state["stage_status"] = "done"  # round_start or pipeline_complete follows
+        else:
+            state.update(state=nxt, stage_status="pending" if nxt != "IDLE" else None,
+                         current_stage=STAGE_OF.get(nxt))
+            if nxt == "IDLE" and not state["paused"]:
+                state["status"] = "idle"  # collect mode: waiting for train-now
+    elif kind == "pipeline_error":
+        state.update(state="ERROR", status="error", stage_status=None, last_error=event["error"],
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_stop":
+        state.update(state="IDLE", status="stopped", stage_status=None, stop_requested=False,
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_complete":
+        state.update(state="IDLE", status="completed", stage_status=None, current_stage=None,
+                     paused=False, pause_requested=False)
+    elif kind == "pipeline_pause":
+        state.update(paused=True, pause_requested=False, status="paused")
+    elif kind == "pipeline_resume":
+        state["paused"] = False
+        state["status"] = "idle" if state["state"] == "IDLE" else "running"
+    elif kind == "train_now":
+        state.update(state="FINALIZING", stage_status="pending", current_stage="train")
+        if not state["paused"]:
+            state["status"] = "running"
