@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .collector import AsyncCollector, Result
-from .config import Config
+from .config import SETTINGS, Config
 from .counters import write_counters
 from .errors import ConfigError, HeidiError, UsageError
 from .providers import (DEFAULT_MODELS, AnthropicProvider, MockProvider, OpenAIProvider,
@@ -102,8 +102,11 @@ def make_provider(cfg: Config, teacher: MockTeacher | None = None,
     """The provider TEACHER_PROVIDER names, its key from the environment (none needed for mock or
     a local server)."""
     kind = cfg.teacher_provider
-    model = cfg.teacher_model if ("TEACHER_MODEL" in cfg.explicit or kind == "openai") \
-        else DEFAULT_MODELS[kind]
+    # TEACHER_MODEL's default is an OpenAI model (and reaches stages as if set): another
+    # provider left at that default gets its own default model.
+    model = cfg.teacher_model
+    if kind != "openai" and model == SETTINGS["TEACHER_MODEL"][2]:
+        model = DEFAULT_MODELS[kind]
     if kind == "mock":
         return MockProvider(cfg.teacher_mock_delay_ms, cfg.seed, model=model, reply=teacher)
     key = api_key(kind, environ)
