@@ -30,7 +30,7 @@ def prepare(path: str) -> None:
         pass
 
 
-def read_counters(path: str) -> tuple[dict[str, int | float], str | None]:
+def read_counters(path: str) -> tuple[dict[str, Any], str | None]:
     """(counters, None), or ({}, why the file was not usable). A missing or empty file is ({}, None)."""
     import orjson
     try:

@@ -9,6 +9,7 @@ import asyncio
 import email.utils
 import hashlib
 import ipaddress
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -71,7 +72,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     if raw_ms is not None:
         try:
             value = float(raw_ms) / 1000.0
-            if value >= 0 and value == value and value != float("inf"):
+            if value >= 0 and math.isfinite(value):
                 return value
         except ValueError:
             pass
@@ -81,7 +82,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     raw = raw.strip()
     try:
         value = float(raw)
-        return value if 0 <= value < float("inf") else None
+        return value if value >= 0 and math.isfinite(value) else None
     except ValueError:
         pass
     try:

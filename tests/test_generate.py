@@ -56,7 +56,7 @@ def lines_of(path: Path) -> list[dict]:
 
 
 def test_output_shape_ids_and_counters_file(tmp_path, server):
-    fake, srv = server()
+    _, srv = server()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "Sort a list", "input": "[3, 1]"}\n\nplain prompt\n')
     counters = tmp_path / "c.json"
