@@ -212,6 +212,7 @@ class AsyncCollector:
                 return Result(index, attempts=attempts, latency_ms=_ms(started),
                               error=reason if attempts else f"not sent: {reason}")
             stats.requests += 1  # reserved before any await: the budget is exact
+            stats.retries += 1 if attempts else 0  # a retry counts once it is really sent
             attempts += 1
             if self._rpm is not None:
                 await self._rpm.acquire(1)
@@ -255,7 +256,6 @@ class AsyncCollector:
                                           status=error.status)
                 return Result(index, attempts=attempts, latency_ms=_ms(started), error=str(error),
                               status=error.status)
-            stats.retries += 1
             await asyncio.sleep(self.backoff_s(attempts - 1, error.retry_after))
 
 
