@@ -5,7 +5,6 @@ aiohttp is imported only when an HTTP provider sends its first request.
 """
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import hashlib
 import ipaddress
@@ -13,8 +12,11 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    import asyncio
 
 Messages = Sequence[Mapping[str, str]]
 # Statuses worth another try: throttling, server trouble, Anthropic's 529 "overloaded".
@@ -174,6 +176,7 @@ class MockProvider:
 
     async def complete(self, messages: Messages, *, temperature: float | None = None,
                        max_output_tokens: int | None = None) -> Completion:
+        import asyncio  # here, not at the top: config's URL check imports this module
         self.calls += 1
         prompt = "\n".join(str(m.get("content", "")) for m in messages)
         key = hashlib.sha256(f"{self.seed}\0{prompt}".encode()).hexdigest()
@@ -248,6 +251,8 @@ class _HTTPProvider:
         raise NotImplementedError
 
     def _session_for_loop(self) -> Any:
+        import asyncio
+
         import aiohttp  # lazily: `heidi tick` never pays for it
         loop = asyncio.get_running_loop()
         if self._session is None or self._session.closed or self._loop is not loop:

@@ -276,3 +276,14 @@ def test_bad_counters_file_is_a_warning_not_a_crash(tmp_path):
     assert warn["level"] == "warn" and "'bad' must be a number" in warn["message"]
     state = orjson.loads((demo / "out" / "state.json").read_bytes())
     assert "ok" not in state["counters"] and "samples" not in state["counters"]
+
+
+def test_tick_and_status_do_not_import_aiohttp(tmp_path):
+    code = ("import sys; from heidi.cli import main; main(['status', '--out-dir', sys.argv[1]]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp' "
+            "or m in ('heidi.providers', 'heidi.collector', 'asyncio')))")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], env=env_for(
+        TEACHER_BASE_URL="https://api.example.com/v1"), cwd=tmp_path, capture_output=True, text=True,
+        timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "['heidi.providers']"  # checks the URL, no aiohttp
