@@ -34,8 +34,9 @@ def heidi_argv() -> list[str]:
 
 
 def placeholders(cfg: "Config", round_: int) -> dict[str, str]:
-    return {"python": cfg.python, "heidi": shlex.join(heidi_argv()), "scripts_dir": cfg.scripts_dir, "repo_root": cfg.repo_root,
-            "out_dir": cfg.out_dir, "data_dir": cfg.data_dir, "eval_dir": cfg.eval_dir,
+    return {"python": cfg.python, "heidi": shlex.join(heidi_argv()),
+            "scripts_dir": cfg.scripts_dir, "repo_root": cfg.repo_root, "out_dir": cfg.out_dir,
+            "data_dir": cfg.data_dir, "eval_dir": cfg.eval_dir,
             "logs_dir": cfg.logs_dir, "round": str(round_), "samples": str(cfg.samples_per_round),
             "run_id": "", "seed": str(cfg.seed), "base_model": cfg.base_model,
             "teacher_model": cfg.teacher_model}
@@ -70,8 +71,8 @@ def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
     env.update(cfg.stage_env())
     env.update({"HEIDI_RUN_ID": run_id, "HEIDI_ROUND": str(round_), "HEIDI_STAGE": stage,
                 "HEIDI_OUT_DIR": cfg.out_dir})
-    env[COUNTERS_ENV] = counters_path(cfg.logs_dir, round_, stage)
     env.update(extra)
+    env[COUNTERS_ENV] = counters_path(cfg.logs_dir, round_, stage)  # heidi's, whatever `extra` says
     return env
 
 
