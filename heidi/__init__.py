@@ -13,14 +13,18 @@ _API = {
     "ConfigError": "errors", "HeidiError": "errors", "RefusedError": "errors",
     "RunLocked": "errors", "StateError": "errors", "JournalError": "journal",
     "JournalWriter": "journal", "verify_journal": "journal", "StatusWriter": "status",
+    "AsyncCollector": "collector", "MockProvider": "providers", "OpenAIProvider": "providers",
+    "AnthropicProvider": "providers", "ProviderError": "providers",
 }
 
 if TYPE_CHECKING:
     from .clock import Clock, MockClock
+    from .collector import AsyncCollector
     from .config import Config
     from .core import Core
     from .errors import ConfigError, HeidiError, RefusedError, RunLocked, StateError
     from .journal import JournalError, JournalWriter, verify_journal
+    from .providers import AnthropicProvider, MockProvider, OpenAIProvider, ProviderError
     from .status import StatusWriter
 
 

@@ -82,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detach", action="store_true", help="double-fork into the background")
     p.add_argument("--pid-file", metavar="FILE", help="pid file (default with --detach: OUT_DIR/heidi.pid)")
     p.add_argument("--log-file", metavar="FILE", help="with --detach (default: OUT_DIR/daemon.log)")
+    p = cmd("generate", "the teacher stage: ask TEACHER_PROVIDER for N samples, appended to FILE "
+            "as replies arrive (a rerun skips ids already there)")
+    p.add_argument("--samples", type=int, metavar="N", help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
+    p.add_argument("--output", required=True, metavar="FILE", help="JSONL file to append to")
+    p.add_argument("--prompts", metavar="FILE", help="JSONL with instruction (+ input) or one prompt "
+                   "per line, cycled to N (default: built-in code tasks)")
+    p.add_argument("--round", type=int, metavar="R", help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the built-in tasks and ids (default: $SEED)")
     p = sub.add_parser("redact", help="copy FILE (or stdin) to stdout with secrets redacted")
     p.add_argument("file", nargs="?", metavar="FILE")
     p = sub.add_parser("version", help="print the version")
@@ -274,6 +282,20 @@ def cmd_daemon(args: argparse.Namespace) -> int:
                       log_file=args.log_file)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate
+    cfg = _config(args)
+    samples = cfg.samples_per_round if args.samples is None else args.samples
+    round_ = args.round if args.round is not None else int(os.environ.get("HEIDI_ROUND") or 1)
+    for flag, value in (("--samples", samples), ("--round", round_)):
+        if value < 1:
+            raise _UsageExit(f"heidi generate: {flag} {value}: must be 1 or more")
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise _UsageExit(f"heidi generate: --seed {args.seed}: must be from 0 to 4294967295")
+    run_generate(cfg, samples, args.output, args.prompts, round_, args.seed)
+    return EXIT_OK
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from .example import write_example
     written = write_example(args.dir, force=args.force)
@@ -285,7 +307,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_status,
             "stop": cmd_action, "pause": cmd_action, "resume": cmd_action, "train-now": cmd_action,
             "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init,
-            "daemon": cmd_daemon}
+            "daemon": cmd_daemon, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 MODES = ("full", "collect")
+PROVIDERS = ("mock", "openai", "anthropic")
 STAGES = ("generate", "validate", "test", "train", "eval")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -94,6 +95,22 @@ def _path(name: str, raw: Any) -> str:
     return os.path.abspath(os.path.expanduser(raw.strip()))
 
 
+def _url(name: str, raw: Any) -> str:
+    from urllib.parse import urlsplit
+    value = _text(2048)(name, raw)
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname \
+            or parts.username or parts.password or parts.query or parts.fragment:
+        # The value may carry a credential (https://user:key@host): never echo it.
+        raise ConfigError(f"{name}: must be an http:// or https:// URL with a host, without "
+                          "credentials, query or fragment")
+    return value
+
+
 def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def wrapped(name: str, raw: Any) -> Any:
         if raw is None or (isinstance(raw, str) and raw.strip() == ""):
@@ -136,7 +153,22 @@ SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any], Any]] = {
     "HEIDI_HOST": ("host", _text(255), "127.0.0.1"),
     "HEIDI_PORT": ("port", _int(0, 65535), 8080),
     "HEIDI_API_TOKEN": ("api_token", _optional(_text(4096)), None),
+    # The teacher (`heidi generate`, design.md §7). Its key is read from the environment only.
+    "TEACHER_PROVIDER": ("teacher_provider", _choice(*PROVIDERS), "mock"),
+    "TEACHER_BASE_URL": ("teacher_base_url", _optional(_url), None),
+    "TEACHER_ALLOW_HTTP": ("teacher_allow_http", _bool, False),
+    "TEACHER_CONCURRENCY": ("teacher_concurrency", _int(1, 10_000), 16),
+    "TEACHER_TIMEOUT_S": ("teacher_timeout_s", _float(0.0, 86_400.0, lo_open=True), 120.0),
+    "TEACHER_MAX_RETRIES": ("teacher_max_retries", _int(0, 100), 6),
+    "TEACHER_MAX_REQUESTS": ("teacher_max_requests", _optional(_int(1, 10**12)), None),
+    "TEACHER_MAX_TOKENS": ("teacher_max_tokens", _optional(_int(1, 10**15)), None),
+    "TEACHER_RPM": ("teacher_rpm", _optional(_float(0.0, 1e9, lo_open=True)), None),
+    "TEACHER_TPM": ("teacher_tpm", _optional(_float(0.0, 1e12, lo_open=True)), None),
+    "TEACHER_TEMPERATURE": ("teacher_temperature", _optional(_float(0.0, 2.0)), None),
+    "TEACHER_MAX_OUTPUT_TOKENS": ("teacher_max_output_tokens", _optional(_int(1, 10_000_000)), None),
+    "TEACHER_MOCK_DELAY_MS": ("teacher_mock_delay_ms", _float(0.0, 600_000.0), 100.0),
 }
+SECRET_SETTINGS = ("TEACHER_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY")
 
 # Default stage timeouts fit ML work: training runs for hours, not minutes.
 DEFAULT_TIMEOUTS_S = {"generate": 4 * 3600.0, "validate": 3600.0, "test": 2 * 3600.0,
@@ -162,7 +194,7 @@ DEFAULT_COMMANDS = {
 }
 # A placeholder is {lower_case_name}; shell syntax such as ${HOME} or ${X:-y} is left alone.
 PLACEHOLDER_RE = re.compile(r"(?<!\$)\{([a-z_][a-z0-9_]*)\}")
-PLACEHOLDERS = ("python", "scripts_dir", "repo_root", "out_dir", "data_dir", "eval_dir", "logs_dir",
+PLACEHOLDERS = ("python", "heidi", "scripts_dir", "repo_root", "out_dir", "data_dir", "eval_dir", "logs_dir",
                 "round", "samples", "run_id", "seed", "base_model", "teacher_model")
 
 
@@ -212,6 +244,19 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     api_token: str | None = None
+    teacher_provider: str = "mock"
+    teacher_base_url: str | None = None
+    teacher_allow_http: bool = False
+    teacher_concurrency: int = 16
+    teacher_timeout_s: float = 120.0
+    teacher_max_retries: int = 6
+    teacher_max_requests: int | None = None
+    teacher_max_tokens: int | None = None
+    teacher_rpm: float | None = None
+    teacher_tpm: float | None = None
+    teacher_temperature: float | None = None
+    teacher_max_output_tokens: int | None = None
+    teacher_mock_delay_ms: float = 100.0
     config_path: str | None = None
     stages: dict[str, StageConfig] = field(default_factory=dict)
     explicit: frozenset = frozenset()
@@ -260,6 +305,11 @@ class Config:
         cfg = cls(**values, config_path=os.path.abspath(path) if path else None,
                   explicit=frozenset(explicit))
         cfg.stages = _stage_configs(stage_tables, cfg.stage_timeout_s)
+        if cfg.teacher_base_url is not None:
+            from .providers import check_base_url
+            problem = check_base_url(cfg.teacher_base_url, cfg.teacher_allow_http)
+            if problem is not None:
+                raise ConfigError(f"TEACHER_BASE_URL={cfg.teacher_base_url!r}: {problem}")
         return cfg
 
     # Paths of the run, all under OUT_DIR (design.md §3).
@@ -305,6 +355,11 @@ class Config:
             value = getattr(self, SETTINGS[name][0])
             result[name] = str(int(value) if isinstance(value, bool) else value)
         result["RUN_UNIT_TESTS"] = "1" if self.run_unit_tests else "0"
+        # heidi.toml's teacher settings reach a `heidi generate` stage, which runs in OUT_DIR.
+        for name, (attr, _, _) in SETTINGS.items():
+            value = getattr(self, attr)
+            if name.startswith("TEACHER_") and value is not None:
+                result[name] = str(int(value) if isinstance(value, bool) else value)
         return result
 
 
@@ -327,6 +382,9 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
             stages = value
             continue
         name = key.upper()
+        if name in SECRET_SETTINGS:
+            raise ConfigError(f"config file {path!r}: {key!r}: keys and tokens are read from the "
+                              f"environment only (set {name} there)")
         if name not in SETTINGS:
             raise ConfigError(f"config file {path!r}: unknown setting {key!r}")
         if isinstance(value, (dict, list)):

@@ -13,6 +13,9 @@ from ._fast import procstat
 from ._fast.redact import Redactor
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
+from .counters import ENV_NAME as COUNTERS_ENV
+from .counters import counters_path, read_counters
+from .counters import prepare as prepare_counters
 from .loop import StageContext, StageOutcome
 from .split import split_file
 from .stagelog import StageLog
@@ -25,9 +28,15 @@ GOVERNOR_SAMPLE_S = 0.25
 OUTPUT_TAIL_CHARS = 2000
 
 
+def heidi_argv() -> list[str]:
+    """The argv prefix that runs this heidi: the frozen binary itself, or `python -m heidi`."""
+    return [sys.executable] if getattr(sys, "frozen", False) else [sys.executable, "-m", "heidi"]
+
+
 def placeholders(cfg: "Config", round_: int) -> dict[str, str]:
-    return {"python": cfg.python, "scripts_dir": cfg.scripts_dir, "repo_root": cfg.repo_root,
-            "out_dir": cfg.out_dir, "data_dir": cfg.data_dir, "eval_dir": cfg.eval_dir,
+    return {"python": cfg.python, "heidi": shlex.join(heidi_argv()),
+            "scripts_dir": cfg.scripts_dir, "repo_root": cfg.repo_root, "out_dir": cfg.out_dir,
+            "data_dir": cfg.data_dir, "eval_dir": cfg.eval_dir,
             "logs_dir": cfg.logs_dir, "round": str(round_), "samples": str(cfg.samples_per_round),
             "run_id": "", "seed": str(cfg.seed), "base_model": cfg.base_model,
             "teacher_model": cfg.teacher_model}
@@ -35,11 +44,11 @@ def placeholders(cfg: "Config", round_: int) -> dict[str, str]:
 
 def build_argv(template: list[str], values: dict[str, str]) -> list[str]:
     """Fill an argv template; an argument that is exactly {python} may expand to several words
-    (HEIDI_PYTHON="uv run python")."""
+    (HEIDI_PYTHON="uv run python"), and so does {heidi}."""
     argv: list[str] = []
     for arg in template:
-        if arg == "{python}":
-            argv.extend(shlex.split(values["python"]))
+        if arg in ("{python}", "{heidi}"):
+            argv.extend(shlex.split(values[arg[1:-1]]))
             continue
         argv.append(PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], arg))
     return argv
@@ -63,6 +72,7 @@ def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
     env.update({"HEIDI_RUN_ID": run_id, "HEIDI_ROUND": str(round_), "HEIDI_STAGE": stage,
                 "HEIDI_OUT_DIR": cfg.out_dir})
     env.update(extra)
+    env[COUNTERS_ENV] = counters_path(cfg.logs_dir, round_, stage)  # heidi's, whatever `extra` says
     return env
 
 
@@ -159,6 +169,7 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     # are secrets: a key handed only to this stage is still kept out of its log.
     log = StageLog(os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log"),
                    Redactor(env=env).redact)
+    prepare_counters(env[COUNTERS_ENV])
     before = sampler.sample()
     try:
         result = run_supervised(argv, cwd=cfg.out_dir, env=env, timeout_s=stage_cfg.timeout_s,
@@ -184,6 +195,11 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
         tail = result.spawn_error
     artifacts = [os.path.relpath(p, cfg.out_dir) for p in _outputs(argv, cfg.out_dir)
                  if os.path.exists(p)] if result.ok else []
+    if result.ok:
+        reported, problem = read_counters(env[COUNTERS_ENV])
+        if problem is not None:
+            ctx.warn("counters_invalid", problem)
+        counters = {**reported, **counters}
     return StageOutcome(ok=result.ok, usage_delta=usage, counters_delta=counters,
                         artifact_paths=artifacts, error=None if result.ok else result.describe(),
                         output_tail=tail, stopped=result.stopped)

@@ -40,9 +40,24 @@ def write_jsonl(path: Path, samples: list) -> Path:
 
 
 def sample(i: int, code: str | None = None, tests: str | None = None) -> dict:
-    return {"id": f"t-{i}", "round": 1, "instruction": f"Write f{i}(x) returning x + {i}.",
-            "code": code if code is not None else f"def f{i}(x):\n    return x + {i}\n",
-            "tests": tests if tests is not None else f"assert f{i}(1) == {1 + i}\n"}
+    """A sample as `heidi generate` writes it: the tests in the input, the code in the output."""
+    code = code if code is not None else f"def f{i}(x):\n    return x + {i}\n"
+    tests = tests if tests is not None else f"assert f{i}(1) == {1 + i}\n"
+    return {"id": f"t-{i}", "instruction": f"Write f{i}(x) returning x + {i}.",
+            "input": f"Tests:\n```python\n{tests}```", "output": f"```python\n{code}```",
+            "metadata": {"provider": "mock", "model": "mock", "round": 1}}
+
+
+def heidi_generate(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    full_env.update(PYTHONPATH=str(REPO_ROOT), TEACHER_MOCK_DELAY_MS="0", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "heidi", "generate", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=60)
+
+
+def content(path: Path) -> list[tuple]:
+    """The samples of a file without their latency (the only thing that varies run to run)."""
+    return [(s["id"], s["instruction"], s["input"], s["output"]) for s in map(json.loads, read_lines(path))]
 
 
 # ---- write_example ---------------------------------------------------------------------------
@@ -119,78 +134,46 @@ def test_example_config_loads_and_its_commented_settings_are_valid(tmp_path, mon
 
 # ---- the scripts one by one ------------------------------------------------------------------
 
-def test_generate_is_deterministic_and_carries_the_four_bad_samples(tmp_path):
-    out = tmp_path / "raw.jsonl"
-    run = script("01_teacher_generate.py", "--samples", "10", "--output", str(out), "--round", "1",
-                 env={"SEED": "7", "TEACHER_MODEL": "teacher-x"})
-    assert run.returncode == 0, run.stderr
-    assert "teacher-x" in run.stdout and FAKE_TOKEN in run.stdout  # printed so logs prove redaction
-    first = out.read_bytes()
-    lines = read_lines(out)
-    assert len(lines) == 10
-    parsed = []
-    malformed = 0
-    for line in lines:
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            malformed += 1
-    assert malformed == 1
-    for s in parsed:
-        assert set(s) == {"id", "round", "instruction", "code", "tests"} and s["round"] == 1
-        assert s["tests"].startswith("assert ")
-    assert sum(FAKE_TOKEN in s["code"] for s in parsed) == 1
-    keys = [(s["instruction"], s["code"]) for s in parsed]
-    assert len(keys) - len(set(keys)) == 1
-    assert len({s["id"] for s in parsed}) == len(parsed)
-
-    again = script("01_teacher_generate.py", "--samples", "10", "--output", str(out), "--round", "1",
-                   env={"SEED": "7"})
-    assert again.returncode == 0 and out.read_bytes() == first
-    script("01_teacher_generate.py", "--samples", "10", "--output", str(out), "--round", "2",
-           env={"SEED": "7"})
-    assert out.read_bytes() != first
-    script("01_teacher_generate.py", "--samples", "10", "--output", str(out), "--round", "1",
-           env={"SEED": "8"})
-    assert out.read_bytes() != first
+def test_mock_generate_is_deterministic_from_round_and_seed(tmp_path):
+    def make(name: str, round_: str, seed: str) -> Path:
+        out = tmp_path / name
+        run = heidi_generate("--samples", "30", "--output", str(out), "--round", round_, "--seed", seed,
+                             cwd=tmp_path)
+        assert run.returncode == 0, run.stderr
+        return out
+    first = make("a.jsonl", "1", "7")
+    assert content(make("b.jsonl", "1", "7")) == content(first)
+    assert content(make("c.jsonl", "2", "7")) != content(first)
+    assert content(make("d.jsonl", "1", "8")) != content(first)
+    samples = [json.loads(line) for line in read_lines(first)]
+    assert sorted(s["id"] for s in samples) == [f"r1-s7-{i:06d}" for i in range(30)]
+    kinds = {s["instruction"].split()[0] for s in samples}
+    assert kinds == {"Complete", "The", "Refactor"}  # completion, bug fixing, refactoring
+    assert all("assert " in s["input"] and s["output"].startswith("```python") for s in samples)
 
 
 def test_pipeline_scripts_one_by_one(tmp_path):
     raw, clean, tested = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl", tmp_path / "tested.jsonl"
-    run = script("01_teacher_generate.py", "--samples", "12", "--output", str(raw), "--round", "3")
-    assert run.returncode == 0, run.stderr
-    raw_lines = read_lines(raw)
-
-    # Expected survivors of validation, worked out independently of the script.
-    expected, seen = [], set()
-    for line in raw_lines:
-        try:
-            s = json.loads(line)
-        except ValueError:
-            continue
-        key = hashlib.sha256((s["instruction"] + "\0" + s["code"]).encode()).hexdigest()
-        if FAKE_TOKEN in s["code"] or key in seen:
-            continue
-        seen.add(key)
-        expected.append(line)
-    assert len(expected) == 9
+    good = [sample(i) for i in range(8)]
+    leaked = sample(8, code=f"TOKEN = {FAKE_TOKEN!r}\ndef f8(x):\n    return x + 8\n")
+    duplicate = {**good[2], "id": "t-dup"}
+    failing = sample(9, code="def f9(x):\n    return x + 1\n")
+    untested = {**sample(10), "input": ""}
+    write_jsonl(raw, good[:3] + [leaked, duplicate, "{not json", failing, untested] + good[3:])
 
     run = script("02_validate_clean.py", "--input", str(raw), "--output", str(clean))
     assert run.returncode == 0, run.stderr
-    assert read_lines(clean) == expected
-    assert "read 12, kept 9" in run.stdout
+    kept = [json.loads(line)["id"] for line in read_lines(clean)]
+    assert kept == ["t-0", "t-1", "t-2", "t-9", "t-10"] + [f"t-{i}" for i in range(3, 8)]
+    assert "read 13, kept 10" in run.stdout
     assert "malformed=1" in run.stdout and "duplicate=1" in run.stdout and "secret=1" in run.stdout
     assert FAKE_TOKEN not in run.stdout + run.stderr
 
     run = script("03_unit_test_gate.py", "--input", str(clean), "--output", str(tested))
     assert run.returncode == 0, run.stderr
     kept = read_lines(tested)
-    assert len(kept) == 8 and all(line in expected for line in kept)
-    [dropped] = [json.loads(line) for line in expected if line not in kept]
-    assert dropped["id"] in run.stdout and "passed 8, failed 1" in run.stdout
-    failing = subprocess.run([sys.executable, "-c", dropped["code"] + "\n" + dropped["tests"]],
-                             capture_output=True, timeout=30)
-    assert failing.returncode != 0
+    assert [json.loads(line)["id"] for line in kept] == [f"t-{i}" for i in range(8)]
+    assert "passed 8, failed 1, timeout 0, untested 1" in run.stdout and "t-9 failed" in run.stdout
 
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(line + "\n" for line in kept[:6]))
@@ -220,21 +203,26 @@ def test_pipeline_scripts_one_by_one(tmp_path):
     assert result["adapter"] == str(lora / "final")
 
 
-def test_small_batches_have_no_deliberate_faults(tmp_path):
-    raw = tmp_path / "raw.jsonl"
-    run = script("01_teacher_generate.py", "--samples", "3", "--output", str(raw), "--round", "1")
+def test_mock_teacher_output_goes_through_validate_and_the_gate(tmp_path):
+    raw, clean, tested = tmp_path / "raw.jsonl", tmp_path / "clean.jsonl", tmp_path / "tested.jsonl"
+    assert heidi_generate("--samples", "60", "--output", str(raw), cwd=tmp_path).returncode == 0
+    samples = [json.loads(line) for line in read_lines(raw)]
+    leaks = sum(FAKE_TOKEN in s["output"] for s in samples)
+    assert 1 <= leaks < 10  # the mock teacher leaks a fake token now and then, on purpose
+    run = script("02_validate_clean.py", "--input", str(raw), "--output", str(clean))
+    assert run.returncode == 0 and f"read 60, kept {60 - leaks}" in run.stdout, run.stdout
+    run = script("03_unit_test_gate.py", "--input", str(clean), "--output", str(tested))
     assert run.returncode == 0, run.stderr
-    assert all(json.loads(line) for line in read_lines(raw))
-    clean = tmp_path / "clean.jsonl"
-    assert script("02_validate_clean.py", "--input", str(raw), "--output", str(clean)).returncode == 0
-    assert len(read_lines(clean)) == 3
+    passed = len(read_lines(tested))
+    assert 40 <= passed < 60 - leaks  # some answers carry a bug, on purpose
+    assert f"passed {passed}, failed {60 - leaks - passed}, timeout 0, untested 0" in run.stdout
 
 
 def test_validate_drops_every_secret_shape_and_incomplete_samples(tmp_path):
     secrets = ["sk-" + "a" * 40, "AKIA" + "B" * 16, "hf_" + "c" * 34, "github_pat_" + "d" * 30,
                "gho_" + "e" * 36, "-----BEGIN RSA " + "PRIVATE KEY-----\nMIIE\n"]
     samples = [sample(0)] + [sample(i + 1, code=f"KEY = {s!r}\n") for i, s in enumerate(secrets)]
-    samples += [{"id": "no-tests", "instruction": "x", "code": "y"}, {**sample(9), "code": "  "},
+    samples += [{"id": "no-output", "instruction": "x", "input": "y"}, {**sample(9), "output": "  "},
                 "[1, 2]", "", "{not json"]
     raw, clean = write_jsonl(tmp_path / "raw.jsonl", samples), tmp_path / "clean.jsonl"
     run = script("02_validate_clean.py", "--input", str(raw), "--output", str(clean))
@@ -258,8 +246,8 @@ def test_validate_exits_1_when_nothing_survives(tmp_path):
 
 def test_gate_times_out_hung_samples_and_exits_1_when_none_pass(tmp_path):
     samples = [sample(1), sample(2, tests="assert f2(1) == 0\n"),
-               sample(3, code="def f3(x):\n    while True:\n        pass\n", tests="f3(1)\n"),
-               sample(4, code="import sys\ndef f4(x):\n    sys.exit(3)\n", tests="f4(1)\n")]
+               sample(3, code="def f3(x):\n    while True:\n        pass\n", tests="assert f3(1)\n"),
+               sample(4, code="import sys\ndef f4(x):\n    sys.exit(3)\n", tests="assert f4(1)\n")]
     src, out = write_jsonl(tmp_path / "clean.jsonl", samples), tmp_path / "tested.jsonl"
     run = script("03_unit_test_gate.py", "--input", str(src), "--output", str(out), "--timeout-s", "0.5")
     assert run.returncode == 0, run.stderr
@@ -334,19 +322,23 @@ def test_init_then_run_completes_two_rounds_with_real_stages(tmp_path):
     train, val = read_lines(data / "train_round_1.jsonl"), read_lines(data / "val_round_1.jsonl")
     assert train and val and not set(train) & set(val)
     assert sorted(train + val) == sorted(tested)
-    assert len(tested) == 16  # 20 generated, 3 dropped by validate, 1 by the unit-test gate
+    raw, clean = read_lines(data / "raw_round_1.jsonl"), read_lines(data / "clean_round_1.jsonl")
+    assert len(raw) == 20 and len({json.loads(line)["id"] for line in raw}) == 20
+    assert set(tested) <= set(clean) <= set(raw) and 10 <= len(tested) < 20
     assert (out / "out_lora_round_2" / "final" / "adapter.json").is_file()
     report = json.loads((out / "eval" / "report_round_2.json").read_text())
     assert report["round"] == 2 and report["n_val"] == len(read_lines(data / "val_round_2.jsonl"))
     train_log = (out / "logs" / "round_1" / "train.log").read_text()
     assert "step 10/10 loss" in train_log
-
     generate_log = (out / "logs" / "round_1" / "generate.log").read_text()
-    assert "[GITHUB_TOKEN]" in generate_log
-    assert FAKE_TOKEN in (data / "raw_round_1.jsonl").read_text()  # the data has it, the logs must not
+    assert "wrote 20 samples (20/20" in generate_log and "mock" in generate_log
+
     assert FAKE_TOKEN not in (out / "events.jsonl").read_text()
     for log in (out / "logs").rglob("*"):
         if log.is_file():
             assert FAKE_TOKEN not in log.read_text(errors="replace"), log
+    for name in ("clean", "tested", "train", "val"):
+        for round_ in (1, 2):
+            assert FAKE_TOKEN not in (data / f"{name}_round_{round_}.jsonl").read_text()
     events = [json.loads(line) for line in read_lines(out / "events.jsonl")]
     assert events[-1]["event_type"] == "pipeline_complete"

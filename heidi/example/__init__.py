@@ -1,4 +1,5 @@
-"""The runnable example pipeline `heidi init DIR` writes: heidi.toml and scripts/01..05.
+"""The runnable example pipeline `heidi init DIR` writes: heidi.toml and scripts/02..05 (the
+generate stage is heidi's own `heidi generate`, with the offline mock teacher).
 
 The templates are package data files beside this module (heidi/example/heidi.toml and
 heidi/example/scripts/*.py), so they are real files that linters and tests see as they ship.
@@ -11,7 +12,7 @@ from importlib.resources import files
 from ..errors import UsageError
 
 CONFIG_NAME = "heidi.toml"
-SCRIPT_NAMES = ("01_teacher_generate.py", "02_validate_clean.py", "03_unit_test_gate.py",
+SCRIPT_NAMES = ("02_validate_clean.py", "03_unit_test_gate.py",
                 "04_train_qlora.py", "05_eval.py")
 
 

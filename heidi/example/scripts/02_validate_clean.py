@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Stage 2 of the heidi example pipeline: keep only well-formed, unique, secret-free samples.
 
-Drops, in this order: lines that are not a JSON object, samples missing a required field,
-samples carrying something that looks like a credential, and duplicates (same instruction and
-code as an earlier sample). Writes the rest unchanged and prints the count per reason.
+Samples are what `heidi generate` writes: {"id", "instruction", "input", "output", "metadata"}.
+Drops, in this order: lines that are not a JSON object, samples missing a required field (id,
+instruction and output non-empty strings; input a string if present), samples carrying something
+that looks like a credential, and duplicates (same instruction, input and output as an earlier
+sample). Writes the rest unchanged and prints the count per reason.
 
 Contract: --input RAW --output CLEAN; exit 0 when CLEAN is written, 1 if no sample survives.
 """
@@ -14,7 +16,8 @@ import os
 import re
 import sys
 
-REQUIRED = ("id", "instruction", "code", "tests")
+REQUIRED = ("id", "instruction", "output")
+TEXT_FIELDS = ("instruction", "input", "output")
 # Credential shapes a teacher (or its training data) may leak; a hit drops the whole sample.
 SECRET_RE = re.compile(
     r"(?<![A-Za-z0-9])gh[pousr]_[A-Za-z0-9]{30,}"      # GitHub tokens
@@ -35,11 +38,13 @@ def check(line, seen):
         return "malformed"
     if not isinstance(sample, dict):
         return "malformed"
-    if not all(isinstance(sample.get(key), str) and sample[key].strip() for key in REQUIRED):
+    if not all(isinstance(sample.get(key), str) and sample[key].strip() for key in REQUIRED) \
+            or not isinstance(sample.get("input", ""), str):
         return "missing_fields"
-    if any(SECRET_RE.search(value) for value in sample.values() if isinstance(value, str)):
+    if any(SECRET_RE.search(sample.get(key, "")) for key in TEXT_FIELDS):
         return "secret"
-    digest = hashlib.sha256((sample["instruction"] + "\0" + sample["code"]).encode("utf-8")).hexdigest()
+    key = "\0".join(sample.get(name, "") for name in TEXT_FIELDS)
+    digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
     if digest in seen:
         return "duplicate"
     seen.add(digest)

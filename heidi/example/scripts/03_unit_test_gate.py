@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Stage 3 of the heidi example pipeline (RUN_UNIT_TESTS=1): keep samples whose tests pass.
 
-Each sample's code and tests run together in a fresh, isolated interpreter (sys.executable -I)
+A sample's code is the first fenced code block of its `output` (the whole output if it has
+none); its tests are the `assert` lines of its `input` (the built-in tasks of `heidi generate`
+carry them there). A sample without tests is dropped as untested. Code and tests run together in a fresh, isolated interpreter (sys.executable -I)
 in an empty temporary directory, with a timeout; the process group is killed on timeout. A few
 run in parallel. Generated code is untrusted: on a shared box, run this stage in a sandbox.
 
@@ -11,6 +13,7 @@ sample passes.
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,9 +21,24 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 
+FENCE_RE = re.compile(r"```[A-Za-z0-9_+-]*[ \t]*\n(.*?)```", re.DOTALL)
+
+
+def code_and_tests(sample):
+    output, task_input = str(sample.get("output", "")), str(sample.get("input", ""))
+    match = FENCE_RE.search(output)
+    code = match.group(1) if match else output
+    tests = "".join(line.strip() + "\n" for line in task_input.splitlines()
+                    if line.strip().startswith("assert "))
+    return code, tests
+
+
 def run_one(sample, timeout_s, workdir):
-    """'passed', 'failed' or 'timeout', and the last line of the sample's error output."""
-    source = "{}\n\n{}\n".format(sample.get("code", ""), sample.get("tests", ""))
+    """'passed', 'failed', 'timeout' or 'untested', and the last line of the error output."""
+    code, tests = code_and_tests(sample)
+    if not tests:
+        return "untested", "no assert lines in its input"
+    source = "{}\n\n{}\n".format(code, tests)
     proc = subprocess.Popen([sys.executable, "-I", "-c", source], cwd=workdir,
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -69,7 +87,7 @@ def main(argv=None):
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             results = list(pool.map(lambda s: run_one(s, args.timeout_s, workdir), samples))
 
-    counts = {"passed": 0, "failed": 0, "timeout": 0}
+    counts = {"passed": 0, "failed": 0, "timeout": 0, "untested": 0}
     kept = []
     for line, sample, (verdict, detail) in zip(lines, samples, results):
         counts[verdict] += 1
@@ -84,9 +102,9 @@ def main(argv=None):
         fh.write("".join(line + "\n" for line in kept))
     os.replace(tmp, args.output)
 
-    print("test gate: {} samples, passed {}, failed {}, timeout {}, invalid {}".format(
-        len(samples) + invalid, counts["passed"], counts["failed"], counts["timeout"], invalid),
-        flush=True)
+    print("test gate: {} samples, passed {}, failed {}, timeout {}, untested {}, invalid {}".format(
+        len(samples) + invalid, counts["passed"], counts["failed"], counts["timeout"],
+        counts["untested"], invalid), flush=True)
     if not kept:
         print("test gate: no sample passed its tests", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@
 
 A real deployment loads BASE_MODEL in 4 bits and trains a LoRA adapter (LORA_R, LR, SEQ_LEN,
 BATCH_SIZE, GRAD_ACCUM, TRAIN_STEPS) on --data, checking --val-data. This stand-in "trains" a
-unigram model of the code tokens: each step moves the model from uniform towards the observed
+unigram model of the tokens of the teacher's answers (`output`): each step moves the model from uniform towards the observed
 token frequencies, so the loss (mean negative log-likelihood per token) goes down like a real
 run's, and prints `step S/N loss X` per step.
 Steps: TRAIN_STEPS, capped at 20 so the example stays fast.
@@ -25,7 +25,7 @@ TOKEN_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+|[^\sA-Za-z0-9_]")
 
 
 def tokens(sample):
-    return TOKEN_RE.findall(sample.get("code", "") if isinstance(sample, dict) else "")
+    return TOKEN_RE.findall(str(sample.get("output", "")) if isinstance(sample, dict) else "")
 
 
 def read_jsonl(path):

@@ -2,7 +2,7 @@
 """Stage 5 of the heidi example pipeline: score the round's adapter on the validation split.
 
 A real deployment generates code with BASE_MODEL + the adapter and runs each sample's tests. This
-stand-in scores token coverage: the share of each validation sample's code tokens that the toy
+stand-in scores token coverage: the share of each validation sample's answer tokens that the toy
 adapter's vocabulary knows, averaged over samples (score null when there is no validation data).
 
 Contract: --adapter DIR/final --data VAL --output REPORT; exit 0 when REPORT is written. heidi
@@ -44,7 +44,7 @@ def main(argv=None):
                     sample = None
                 if not isinstance(sample, dict):
                     continue
-                toks = TOKEN_RE.findall(str(sample.get("code", "")))
+                toks = TOKEN_RE.findall(str(sample.get("output", "")))
                 scores.append(sum(1 for t in toks if t in vocab) / len(toks) if toks else 0.0)
     round_ = args.round_
     if round_ is None:
