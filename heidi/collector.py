@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .providers import Messages, Provider, ProviderError, _scrub, _to_messages, estimate_tokens
+from .providers import Messages, Provider, ProviderError, scrub, to_messages, estimate_tokens
 
 OnResult = Callable[["Result"], Any]
 
@@ -156,7 +156,7 @@ class AsyncCollector:
         if self._loop is not loop:
             self._sem = asyncio.Semaphore(self.concurrency)
             self._loop = loop
-        messages = [_to_messages(p) for p in prompts]
+        messages = [to_messages(p) for p in prompts]
         results: list[Result | None] = [None] * len(messages)
         indexes = iter(range(len(messages)))
 
@@ -233,10 +233,10 @@ class AsyncCollector:
                     error = ProviderError(f"{self.provider.name}: no reply within {self.timeout_s:g} s",
                                           retryable=True)
                 except (OSError, EOFError) as exc:
-                    error = ProviderError(_scrub(f"{self.provider.name}: {type(exc).__name__}: {exc}", ()),
+                    error = ProviderError(scrub(f"{self.provider.name}: {type(exc).__name__}: {exc}", ()),
                                           retryable=True)
                 except Exception as exc:  # a provider's own bug must not take the others down
-                    error = ProviderError(_scrub(f"{self.provider.name}: {type(exc).__name__}: {exc}", ()))
+                    error = ProviderError(scrub(f"{self.provider.name}: {type(exc).__name__}: {exc}", ()))
                 else:
                     latency = _ms(t0)
                     stats.prompt_tokens += done.prompt_tokens

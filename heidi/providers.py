@@ -124,7 +124,7 @@ def check_base_url(url: str, allow_http: bool = False) -> str | None:
     return None
 
 
-def _scrub(text: str, secrets: Sequence[str]) -> str:
+def scrub(text: str, secrets: Sequence[str]) -> str:
     """One line, the key values cut out, then the usual redaction, cut to MAX_ERROR_CHARS."""
     from ._fast.redact import redact
     for secret in secrets:
@@ -135,7 +135,7 @@ def _scrub(text: str, secrets: Sequence[str]) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 1] + "…"
 
 
-def _to_messages(prompt: "str | Messages") -> list[dict[str, str]]:
+def to_messages(prompt: "str | Messages") -> list[dict[str, str]]:
     if isinstance(prompt, str):
         return [{"role": "user", "content": prompt}]
     return [dict(m) for m in prompt]
@@ -229,7 +229,7 @@ class _HTTPProvider:
                  allow_http: bool = False, max_connections: int = 100) -> None:
         problem = check_base_url(base_url, allow_http)
         if problem is not None:
-            raise ValueError(f"base URL {_scrub(base_url, [api_key or ''])!r}: {problem}")
+            raise ValueError(f"base URL {scrub(base_url, [api_key or ''])!r}: {problem}")
         self.model = model
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key or ""
@@ -267,7 +267,7 @@ class _HTTPProvider:
         import aiohttp
         import orjson
         session = self._session_for_loop()
-        body = orjson.dumps(self._body(_to_messages(messages), temperature, max_output_tokens))
+        body = orjson.dumps(self._body(to_messages(messages), temperature, max_output_tokens))
         url = self.base_url + self.path
         try:
             async with session.post(url, data=body, headers=self._headers()) as resp:
@@ -290,7 +290,7 @@ class _HTTPProvider:
                                 status=status, retryable=True) from None
 
     def _clean(self, text: str) -> str:
-        return _scrub(text, [self._api_key])
+        return scrub(text, [self._api_key])
 
     async def aclose(self) -> None:
         if self._session is not None and not self._session.closed:
