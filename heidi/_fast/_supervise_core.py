@@ -342,9 +342,11 @@ class Stage:
             registry.release(slot)
             self.error = self.error or f"cannot execute {os.fsdecode(self.argv[0])!r}"
             return
+        registry.running(slot, pid, self.tick)
         if self.cgroup is not None:
             self.cgroup.spawned()
-        registry.running(slot, pid, self.tick)
+        else:
+            _wd.wake()  # (after running(): W's first look must see this stage)
         self.pid, self.out_fd, self.slot, self.live = pid, out_r, slot, True
         if USE_PIDFD:
             try:

@@ -55,7 +55,7 @@ SNAPSHOT_S = 0.5
 # ... and while a stage without a cgroup is younger than YOUNG_S, when a daemon it starts is
 # most likely to detach: what W has not seen when heidi dies (setsid'd, env-less, adopted in
 # the last YOUNG_SNAPSHOT_S) could escape.
-YOUNG_SNAPSHOT_S = 0.02
+YOUNG_SNAPSHOT_S = 0.005
 YOUNG_S = 5.0
 # Concurrent stages one heidi process can run (a slot each).
 SLOTS = 128
@@ -319,8 +319,8 @@ class _Sentinel:
             wait_ms = int(SNAPSHOT_S * 1000)
             while True:
                 if poller.poll(wait_ms):
-                    if not os.read(self.lifeline, 64):
-                        break  # heidi is gone (lifeline EOF)
+                    if not os.read(self.lifeline, 4096):
+                        break  # heidi is gone (lifeline EOF); otherwise: wake() from heidi
                 if os.getppid() != self.heidi:
                     break  # heidi is gone and the lifeline somehow was not closed
                 wait_ms = int(self._snapshot() * 1000)
@@ -435,6 +435,7 @@ class _Client:
             self.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
         registry = self.registry  # the at-fork hook clears self.* in the child
         read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a wake-up (see wake()) must never block heidi
         parent_pid = os.getpid()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_TO_DEFAULT)
         try:
@@ -505,6 +506,18 @@ def ensure_started() -> int:
     threads) and make this process a child subreaper. Returns the watchdog's pid."""
     _client.ensure()
     return _client.pid or 0
+
+
+def wake() -> None:
+    """Have W look at heidi's adopted children now (a stage without a cgroup just started):
+    W sleeps SNAPSHOT_S while no such stage runs, and a daemon the stage starts may detach at
+    once."""
+    lifeline = _client.lifeline
+    if lifeline >= 0:
+        try:
+            os.write(lifeline, b"w")
+        except OSError:
+            pass  # full (W is busy: it looks soon anyway) or W is being replaced
 
 
 def registry() -> Registry:
