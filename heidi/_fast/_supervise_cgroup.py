@@ -105,11 +105,23 @@ def own_cgroup(pid: int | str = "self") -> str | None:
 
 
 def _read(path: str) -> str | None:
+    # Raw: this runs a few times per stage, and cgroup files are small ASCII.
     try:
-        with open(path, encoding="ascii", errors="replace") as fh:
-            return fh.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        chunks = []
+        while True:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks).decode("ascii", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, data: bytes) -> None:
@@ -127,49 +139,49 @@ def _pids(text: str | None) -> list[int]:
 # ---- the decision -------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_decided: tuple[int, str, Containment] | None = None   # (pid, HEIDI_CGROUP, decision)
+_decided: dict[str, Containment] = {}   # HEIDI_CGROUP's value -> this process's decision
 
 
 def containment() -> Containment:
-    """This process's containment, decided once (again after a fork, or when HEIDI_CGROUP
-    changes). HEIDI_CGROUP=0 turns cgroups off; any other value (or none) uses them if it can."""
-    decided = _decided
+    """This process's containment, decided once per value of HEIDI_CGROUP (and again after a
+    fork). HEIDI_CGROUP=0 turns cgroups off; any other value (or none) uses them if it can."""
     setting = os.environ.get(ENV, "")
-    if decided is not None and decided[1] == setting and decided[0] == os.getpid():
-        return decided[2]
+    decided = _decided.get(setting)
+    if decided is not None:
+        return decided
     return _decide(setting)
 
 
 def _decide(setting: str) -> Containment:
-    global _decided
     with _lock:
-        decided = _decided
-        pid = os.getpid()
-        if decided is not None and decided[1] == setting and decided[0] == pid:
-            return decided[2]
+        decided = _decided.get(setting)
+        if decided is not None:
+            return decided
         if setting.strip().lower() in ("0", "off", "no", "false"):
             result = Containment("process", reason=f"{ENV}={setting}")
         else:
             result = _probe()
-        _decided = (pid, setting, result)
+        _decided[setting] = result
         return result
 
 
 def disable(reason: str) -> Containment:
     """A stage found this process cannot use its cgroups after all: process containment from
-    now on (until HEIDI_CGROUP changes or a fork)."""
-    global _decided
+    now on (for this value of HEIDI_CGROUP, until a fork)."""
     result = Containment("process", reason=reason)
     with _lock:
-        _decided = (os.getpid(), os.environ.get(ENV, ""), result)
+        _decided[os.environ.get(ENV, "")] = result
     return result
 
 
 def reset() -> None:
-    """Forget the decision (tests)."""
-    global _decided
-    with _lock:
-        _decided = None
+    """Forget the decisions (tests; a forked child, which decides for itself)."""
+    global _lock
+    _lock = threading.Lock()
+    _decided.clear()
+
+
+os.register_at_fork(after_in_child=reset)
 
 
 def _probe() -> Containment:
@@ -252,12 +264,13 @@ class StageCgroup:
     """The cgroup of one stage: its directory, and (until the spawn) its cgroup.procs open for
     the new process to write itself into before it execs."""
 
-    __slots__ = ("path", "procs_fd", "kill_file")
+    __slots__ = ("path", "procs_fd", "kill_file", "memory")
 
-    def __init__(self, path: str, kill_file: bool = True) -> None:
+    def __init__(self, path: str, kill_file: bool = True, memory: bool = True) -> None:
         self.path = path
         self.procs_fd = -1
         self.kill_file = kill_file
+        self.memory = memory
 
     @classmethod
     def create(cls, where: Containment, token: str) -> StageCgroup | None:
@@ -270,7 +283,7 @@ class StageCgroup:
             if exc.errno in _REFUSED:
                 disable(f"cannot create a cgroup in {where.parent}: {exc.strerror}")
             return None
-        cg = cls(path, where.kill)
+        cg = cls(path, where.kill, where.memory)
         try:
             cg.procs_fd = os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -338,7 +351,7 @@ class StageCgroup:
                 values[key] = int(value)
         if "user_usec" not in values or "system_usec" not in values:
             return None
-        peak = _read(os.path.join(self.path, "memory.peak"))
+        peak = _read(os.path.join(self.path, "memory.peak")) if self.memory else None
         return (values["user_usec"], values["system_usec"],
                 int(peak) if peak and peak.strip().isdigit() else None)
 

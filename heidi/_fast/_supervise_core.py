@@ -692,12 +692,15 @@ class Stage:
             # Nothing of the stage is left that heidi can see; the cgroup says so for the
             # rest (a process that escaped heidi's view dies here). Its usage first: the
             # directory's counters go with it.
-            if cgroup.populated():
+            usage = cgroup.usage()
+            if cgroup.remove(0.0):  # (an rmdir: the common case, an empty cgroup)
+                self.cg_usage, self.cgroup = usage, None
+            else:
                 cgroup.kill()
-                cgroup.remove(CGROUP_EMPTY_S)
-            self.cg_usage = cgroup.usage()
-            if cgroup.remove(CGROUP_EMPTY_S):
-                self.cgroup = None
+                gone = cgroup.remove(CGROUP_EMPTY_S)
+                self.cg_usage = cgroup.usage() or usage if not gone else usage
+                if gone:
+                    self.cgroup = None
         self._release()
 
     def _close_fds(self) -> None:
