@@ -3,6 +3,7 @@ environment does not survive heidi's SIGKILL, a timeout or a stop; the stage's c
 afterwards; its CPU is counted from cpu.stat; and where cgroups are off, heidi says so."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -262,3 +263,50 @@ def test_sigkill_of_heidi_50_to_300_ms_into_a_stage_leaves_no_survivor_in_20_tri
         left, gone = _one_kill(impl_kind, where, rng)
         assert left == [], f"try {attempt + 1}: survivors {left}"
         assert gone, f"try {attempt + 1}: the stage's cgroup was not removed"
+
+
+# ---- what heidi says ---------------------------------------------------------------------------
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    full = dict(os.environ, PYTHONPATH=ROOT, **env)
+    if cg.ENV not in env:
+        full.pop(cg.ENV, None)
+    return subprocess.run([PY, "-m", "heidi", *args], env=full, capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("setting", ["0", ""])
+def test_version_verbose_and_status_name_the_containment(tmp_path, setting):
+    expected = ("process groups + subreaper (HEIDI_CGROUP=0)" if setting == "0"
+                else _available().describe())
+    env = {cg.ENV: setting} if setting else {}
+    proc = _cli("version", "--verbose", **env)
+    assert proc.returncode == 0
+    assert f"containment: {expected}\n" in proc.stdout
+    out_dir = str(tmp_path / "run")
+    proc = _cli("status", OUT_DIR=out_dir, **env)
+    assert proc.returncode == 0 and proc.stdout.count("\n") == 1
+    assert proc.stdout.endswith(f"; containment: {expected}\n")
+    proc = _cli("status", "--json", OUT_DIR=out_dir, **env)
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["containment"] == expected
+
+
+def test_status_names_the_cgroup_of_the_holders_running_stage(tmp_path):
+    where = _skip_without_cgroups()
+    marker = f"heidi-escapee-{uuid.uuid4().hex}"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(cg.ENV, None)
+    proc = subprocess.Popen([PY, HELPER, "escsupervisor", "py", marker], env=env,
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout.readline().startswith(b"started ")
+        cg.disable("as a status process elsewhere would see it")
+        assert cg.running_containment(proc.pid) == where.describe()
+        assert cg.running_containment(None) == "process groups + subreaper " \
+            "(as a status process elsewhere would see it)"
+    finally:
+        proc.kill()
+        proc.wait(5)
+        proc.stdout.close()
+        assert _none_left(marker, 5.0) == []

@@ -376,3 +376,27 @@ class StageCgroup:
                 self.kill()
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
+
+
+# ---- what `heidi status` shows --------------------------------------------------------------------
+
+def running_containment(holder: int | None) -> str:
+    """The containment of the stage `holder` (the process holding a run) is running, told from
+    its children's cgroups; without a holder or a running stage, what this process would use."""
+    if holder:
+        try:
+            with open(f"/proc/{holder}/task/{holder}/children", encoding="ascii") as fh:
+                children = [int(x) for x in fh.read().split()]
+        except (OSError, ValueError):
+            children = []
+        mount = find_mount()
+        for child in children:
+            if _read(f"/proc/{child}/comm") == "heidi-watchdog\n":
+                continue
+            path = own_cgroup(child)
+            if mount and path and os.path.basename(path).startswith(PREFIX):
+                return Containment("cgroup", parent=os.path.normpath(
+                    mount + os.path.dirname(path))).describe()
+            if path is not None:
+                return Containment("process").describe()
+    return containment().describe()

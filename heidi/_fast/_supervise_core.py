@@ -346,7 +346,7 @@ class Stage:
         if self.cgroup is not None:
             self.cgroup.spawned()
         else:
-            _wd.wake()  # (after running(): W's first look must see this stage)
+            _wd.wake(self.tick)  # (after running(): W's first look must see this stage)
         self.pid, self.out_fd, self.slot, self.live = pid, out_r, slot, True
         if USE_PIDFD:
             try:

@@ -68,7 +68,11 @@ _CGROUP_FLAG = struct.Struct("=i")
 _CGROUP_FLAG_AT = 48
 # After the slots: the directory the stage cgroups are in (length, then the path).
 _PARENT_AT = SLOTS * 64
-_PARENT_MAX = 4096 - 4
+_PARENT_MAX = 4096 - 4 - 8
+# Last in the page, written by W: the clock tick until which it looks every YOUNG_SNAPSHOT_S
+# anyway (heidi then need not wake it for a new stage).
+_FAST_UNTIL_AT = _PARENT_AT + 4 + _PARENT_MAX
+_TICK = struct.Struct("=q")
 _HEAD = struct.Struct("=iiq")
 _STATE = struct.Struct("=i")
 _SLOT_SIZE = 64
@@ -196,7 +200,7 @@ class Registry:
     (see the comment at the top)."""
 
     def __init__(self) -> None:
-        self.page = mmap.mmap(-1, _PARENT_AT + 4 + _PARENT_MAX)  # MAP_SHARED | MAP_ANONYMOUS
+        self.page = mmap.mmap(-1, _FAST_UNTIL_AT + 8)  # MAP_SHARED | MAP_ANONYMOUS
         self.parent = ""
         self.lock = threading.Lock()
         self.stages: list[object | None] = [None] * SLOTS
@@ -336,9 +340,12 @@ class _Sentinel:
                  if state == _RUNNING and not in_cgroup]
         if not ticks:
             self.adopted = {}
+            _TICK.pack_into(self.registry.page, _FAST_UNTIL_AT, 0)
             return SNAPSHOT_S
         oldest = min(ticks)
-        young = max(ticks) >= start_tick() - YOUNG_S * _CLK_TCK
+        fast_until = int(max(ticks) + YOUNG_S * _CLK_TCK)
+        young = fast_until >= start_tick()
+        _TICK.pack_into(self.registry.page, _FAST_UNTIL_AT, fast_until if young else 0)
         mains = {pid for state, pid, _, _, _ in slots if state == _RUNNING}
         adopted = {}
         for pid in children_of(self.heidi) or ():
@@ -508,11 +515,13 @@ def ensure_started() -> int:
     return _client.pid or 0
 
 
-def wake() -> None:
-    """Have W look at heidi's adopted children now (a stage without a cgroup just started):
-    W sleeps SNAPSHOT_S while no such stage runs, and a daemon the stage starts may detach at
-    once."""
-    lifeline = _client.lifeline
+def wake(tick: int) -> None:
+    """Have W look at heidi's adopted children now (a stage without a cgroup just started at
+    tick): W sleeps SNAPSHOT_S while no such stage runs, and a daemon the stage starts may
+    detach at once. Nothing to do while W looks often anyway."""
+    lifeline, registry = _client.lifeline, _client.registry
+    if registry is not None and _TICK.unpack_from(registry.page, _FAST_UNTIL_AT)[0] > tick + 1:
+        return
     if lifeline >= 0:
         try:
             os.write(lifeline, b"w")
