@@ -271,7 +271,7 @@ def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     full = dict(os.environ, PYTHONPATH=ROOT, **env)
     if cg.ENV not in env:
         full.pop(cg.ENV, None)
-    return subprocess.run([PY, "-m", "heidi", *args], env=full, capture_output=True, text=True,
+    return subprocess.run([PY, "-m", "heidi", *args], env=full, capture_output=True, text=True, check=False,
                           timeout=60)
 
 

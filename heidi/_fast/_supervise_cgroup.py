@@ -264,7 +264,7 @@ class StageCgroup:
     """The cgroup of one stage: its directory, and (until the spawn) its cgroup.procs open for
     the new process to write itself into before it execs."""
 
-    __slots__ = ("path", "procs_fd", "kill_file", "memory")
+    __slots__ = ("kill_file", "memory", "path", "procs_fd")
 
     def __init__(self, path: str, kill_file: bool = True, memory: bool = True) -> None:
         self.path = path

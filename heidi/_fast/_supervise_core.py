@@ -380,6 +380,7 @@ class Stage:
     def _spawn_in_cgroup(self, path: bytes, out_w: int, spawn_cg: SpawnCg | None) -> int | None:
         """The new process enters the cgroup before it execs: nothing of the stage ever runs
         outside it. On a refusal to enter, error is CGROUP_PROCS."""
+        assert self.cgroup is not None
         procs_fd = self.cgroup.procs_fd
         if self.rlimits or spawn_cg is None:
             pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w,
