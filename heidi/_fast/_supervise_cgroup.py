@@ -384,11 +384,13 @@ def running_containment(holder: int | None) -> str:
     """The containment of the stage `holder` (the process holding a run) is running, told from
     its children's cgroups; without a holder or a running stage, what this process would use."""
     if holder:
+        children = []
         try:
-            with open(f"/proc/{holder}/task/{holder}/children", encoding="ascii") as fh:
-                children = [int(x) for x in fh.read().split()]
-        except (OSError, ValueError):
-            children = []
+            tasks = os.listdir(f"/proc/{holder}/task")  # (a daemon runs stages in a thread)
+        except OSError:
+            tasks = []
+        for task in tasks:
+            children += _pids(_read(f"/proc/{holder}/task/{task}/children"))
         mount = find_mount()
         for child in children:
             if _read(f"/proc/{child}/comm") == "heidi-watchdog\n":
