@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from heidi._fast import _supervise_core, _supervise_py, _supervise_watchdog
+from heidi._fast import _supervise_cgroup, _supervise_core, _supervise_py, _supervise_watchdog
 
 try:
     _supervise_c = importlib.import_module("heidi._fast._supervise_c")
@@ -61,6 +61,25 @@ def ratio_report(request):
         _write_report(reporter, interleaved)
 
 
+def _cgroups() -> bool:
+    """Whether stages get cgroups here (HEIDI_CGROUP unset)."""
+    saved = os.environ.pop(_supervise_cgroup.ENV, None)
+    try:
+        return _supervise_cgroup.containment().kind == "cgroup"
+    finally:
+        if saved is not None:
+            os.environ[_supervise_cgroup.ENV] = saved
+
+
+def _containment(name: str) -> None:
+    """Rows named "...+cgroup" run their stages in cgroups, the others with HEIDI_CGROUP=0
+    (the target is stated for the spawn itself; the cgroup rows show what containment adds)."""
+    if name.endswith("+cgroup"):
+        os.environ.pop(_supervise_cgroup.ENV, None)
+    else:
+        os.environ[_supervise_cgroup.ENV] = "0"
+
+
 def _interleaved_spawn(rounds: int = 600) -> dict[str, float]:
     """The same spawns taken in turn, so that load from other processes (which drifts between
     pytest-benchmark's consecutive runs, easily by 10%) weighs on all of them alike: the target
@@ -69,12 +88,21 @@ def _interleaved_spawn(rounds: int = 600) -> dict[str, float]:
     for name, module in IMPLS.items():
         if module is not None:
             fns[name] = lambda run=module.run_supervised: run([TRUE])
+            if _cgroups():
+                fns[name + "+cgroup"] = fns[name]
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    saved = os.environ.get(_supervise_cgroup.ENV)
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                _containment(name)
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        os.environ.pop(_supervise_cgroup.ENV, None)
+        if saved is not None:
+            os.environ[_supervise_cgroup.ENV] = saved
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -84,7 +112,7 @@ def _write_report(reporter, interleaved: dict[str, float]) -> None:
     write("spawn + reap /bin/true, pytest-benchmark's own runs one after another: median (min), "
           "ratio to bare posix_spawn + waitpid:")
     base, base_min = _MEDIANS.get(("spawn", "bare")), _MINS.get(("spawn", "bare"))
-    for name in ("bare", "compiled", "pure"):
+    for name in ("bare", "compiled", "pure", "compiled+cgroup"):
         median, low = _MEDIANS.get(("spawn", name)), _MINS.get(("spawn", name))
         if median is None:
             write(f"  {name:9s} n/a")
@@ -99,7 +127,9 @@ def _write_report(reporter, interleaved: dict[str, float]) -> None:
         for name, median in interleaved.items():
             ratio = median / base
             verdict = ""
-            if name in IMPLS:
+            if name.endswith("+cgroup"):
+                verdict = "  (each stage in its own cgroup: mkdir, enter, cpu.stat, rmdir)"
+            elif name in IMPLS:
                 met = "met" if ratio < TARGET_OVERHEAD else "NOT MET"
                 verdict = f"  (target < {TARGET_OVERHEAD:.2f}: {met})" if name == "compiled" \
                     else "  (the pure twin: no target)"
@@ -148,12 +178,18 @@ def _bare_spawn_captured() -> None:
 
 
 @pytest.mark.benchmark(group="spawn+reap /bin/true")
-@pytest.mark.parametrize("impl", ["bare", "compiled", "pure"])
-def test_spawn_true(benchmark, impl):
+@pytest.mark.parametrize("impl", ["bare", "compiled", "pure", "compiled+cgroup"])
+def test_spawn_true(benchmark, impl, monkeypatch):
     if impl == "bare":
         fn = _bare_spawn
     else:
-        run = _module(impl).run_supervised
+        if impl.endswith("+cgroup") and not _cgroups():
+            pytest.skip("no stage cgroups here")
+        if impl.endswith("+cgroup"):
+            monkeypatch.delenv(_supervise_cgroup.ENV, raising=False)
+        else:
+            monkeypatch.setenv(_supervise_cgroup.ENV, "0")
+        run = _module(impl.split("+")[0]).run_supervised
 
         def fn():
             result = run([TRUE])

@@ -191,7 +191,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     view = core.status(_config(args))
-    _print_json(view) if args.json else print(_status_line(view))
+    if args.json:
+        _print_json(view)
+    else:
+        # One line still (scripts read it): which containment the stages have, at its end.
+        print(f"{_status_line(view)}; containment: {view['containment']}")
     return _exit_for(view)
 
 
@@ -263,7 +267,9 @@ def cmd_version(args: argparse.Namespace) -> int:
     info = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False))}
     if args.verbose or args.json:
+        from ._fast.supervise import containment
         info["modules"] = implementations()
+        info["containment"] = containment().describe()
     if args.json:
         _print_json(info)
         return EXIT_OK
@@ -272,6 +278,7 @@ def cmd_version(args: argparse.Namespace) -> int:
         print(f"python {info['python']}{' (frozen)' if info['frozen'] else ''}")
         for name, kind in info["modules"].items():
             print(f"heidi._fast.{name}: {kind}")
+        print(f"containment: {info['containment']}")
     return EXIT_OK
 
 

@@ -14,6 +14,7 @@ from .config import Config
 from .errors import RefusedError, RunLocked
 from .limits import apply_limits
 from .lock import lock_holder
+from ._fast._supervise_cgroup import running_containment
 from .loop import judge_action
 from .machine import Machine
 from .status import read_state, status_view
@@ -93,6 +94,7 @@ def status(config: Config) -> dict[str, Any]:
     """The run's state as last written, read without the lock (never torn)."""
     view = status_view(read_state(config.state_path), config)
     view["holder_pid"] = lock_holder(config.lock_path)
+    view["containment"] = running_containment(view["holder_pid"])
     return view
 
 

@@ -10,6 +10,14 @@ Modes:
                          WDFILE, then runs `tree PIDFILE [noenv]` under run_supervised from
                          heidi._fast._supervise_IMPL; ^C prints "interrupted", exits 130.
   oneshot IMPL           runs /bin/true under run_supervised, prints its watchdog's pid, exits.
+  escape MARKER [BUSY_S [MAIN_S]]   a stage whose grandchild escapes at once: fork, setsid, fork
+                         again (reparented), exec Python with an empty environment and MARKER
+                         in its argv, ignoring SIGTERM; it burns BUSY_S s of CPU and exits, or
+                         (BUSY_S 0) sleeps forever. The main process prints "escaped", sleeps
+                         MAIN_S (default 60) and exits 0.
+  escsupervisor IMPL MARKER   a heidi stand-in for a SIGKILL: runs `sh -c 'echo started
+                         $HEIDI_STAGE_TOKEN; exec ... escape MARKER'` under run_supervised,
+                         its output passed through to stdout as it comes.
   flood MB               writes MB MiB of 4 KiB lines to stdout.
   memcheck IMPL LOGPATH MB   runs `flood MB` through StageLog(LOGPATH).write and prints the
                          peak-RSS growth of this process in kB and the log size.
@@ -81,6 +89,39 @@ def supervisor(impl: str, pidfile: str, wdfile: str, grace_s: str = "30",
         sys.exit(130)
 
 
+def escape(marker: str, busy_s: str = "0", main_s: str = "60") -> None:
+    b = os.fork()
+    if b == 0:
+        os.setsid()
+        if os.fork() == 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            end = ("raise SystemExit(0)" if float(busy_s) > 0
+                   else "while True: time.sleep(1)")
+            code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                    f"t = time.process_time() + {float(busy_s)}\n"
+                    "while time.process_time() < t: pass\n" + end)
+            os.execve(sys.executable, [sys.executable, "-S", "-c", code, marker], {})
+        os._exit(0)
+    os.waitpid(b, 0)
+    print("escaped", flush=True)
+    time.sleep(float(main_s))
+
+
+def escsupervisor(impl: str, marker: str) -> None:
+    mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
+    out = sys.stdout.buffer
+
+    def passthrough(chunk: bytes) -> None:
+        out.write(chunk)
+        out.flush()
+
+    script = f'echo "started $HEIDI_STAGE_TOKEN"; exec "$0" "$1" escape {marker}'
+    mod.run_supervised(["/bin/sh", "-c", script, sys.executable, HERE], timeout_s=60,
+                       grace_s=30, on_output=passthrough)
+
+
 def oneshot(impl: str) -> None:
     mod = importlib.import_module(f"heidi._fast._supervise_{impl}")
     from heidi._fast import _supervise_watchdog
@@ -119,6 +160,10 @@ if __name__ == "__main__":
         tree(args[0], exit_now="exit" in args[1:], noenv="noenv" in args[1:])
     elif mode == "supervisor":
         supervisor(*args)
+    elif mode == "escape":
+        escape(*args)
+    elif mode == "escsupervisor":
+        escsupervisor(*args)
     elif mode == "oneshot":
         oneshot(*args)
     elif mode == "flood":

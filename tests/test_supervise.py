@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from heidi._fast import _supervise_core, _supervise_watchdog
+from heidi._fast import _supervise_cgroup, _supervise_core, _supervise_watchdog
 from heidi._fast._supervise_types import StageResult
 from heidi.stagelog import MAX_LINE_BYTES, StageLog
 
@@ -89,8 +89,24 @@ def _wait_dead(pids, within_s: float) -> list[int]:
         time.sleep(0.02)
 
 
+@pytest.fixture(autouse=True, params=["cg", "pg"])
+def containment(request, monkeypatch):
+    """Every test runs with stages in cgroups ("cg", skipped where none can be made) and with
+    cgroups off (HEIDI_CGROUP=0: process groups + subreaper)."""
+    _supervise_cgroup.reset()
+    if request.param == "pg":
+        monkeypatch.setenv(_supervise_cgroup.ENV, "0")
+    else:
+        monkeypatch.delenv(_supervise_cgroup.ENV, raising=False)
+        where = _supervise_cgroup.containment()
+        if where.kind != "cgroup":
+            pytest.skip(f"no stage cgroups here: {where.reason}")
+    yield request.param
+    _supervise_cgroup.reset()
+
+
 @pytest.fixture(autouse=True)
-def no_leftovers(monkeypatch):
+def no_leftovers(monkeypatch, containment):
     """Every stage started by a test carries MARK; none may still run after the test."""
     key, value = MARK.split("=")
     monkeypatch.setenv(key, value)

@@ -146,6 +146,104 @@ cdef extern from *:
     int wait4(int pid, int *status, int options, rusage *ru) nogil
     const int WNOHANG
 
+cdef extern from *:
+    """
+    #include <string.h>
+    #include <sys/syscall.h>
+
+    /* In a vfork child (memory shared with heidi: no malloc, no stdio): close every fd above 2. */
+    static void heidi_close_above2(void) {
+        char buf[2048] __attribute__((aligned(8)));
+        long n, off;
+        int dir;
+    #ifdef SYS_close_range
+        if (syscall(SYS_close_range, 3U, ~0U, 0U) == 0)
+            return;
+    #endif
+        dir = open("/proc/self/fd", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dir < 0)
+            return;
+        while ((n = syscall(SYS_getdents64, dir, buf, sizeof buf)) > 0) {
+            for (off = 0; off < n;) {
+                unsigned short reclen = *(unsigned short *)(buf + off + 16);
+                const char *name = buf + off + 19;
+                int fd = 0;
+                for (; *name >= '0' && *name <= '9'; name++)
+                    fd = fd * 10 + (*name - '0');
+                if (*name == 0 && name != buf + off + 19 && fd > 2 && fd != dir)
+                    close(fd);
+                off += reclen;
+            }
+        }
+        close(dir);
+    }
+
+    /* heidi_spawn's stage, started in a cgroup: the child writes itself into the cgroup
+       (procs_fd, its cgroup.procs) before anything else, so nothing the stage runs is ever
+       outside it; then the same session, signals, fds and cwd as heidi_spawn. vfork, like
+       posix_spawn: the child borrows heidi's memory until exec. Returns 0 or an errno value;
+       *failed_step says which step failed (1 cgroup, 2 chdir, 3 other). */
+    static int heidi_spawn_cg(pid_t *pid_out, const char *path, char *const argv[],
+                              char *const envp[], const char *cwd, int out_fd, int procs_fd,
+                              int *failed_step) {
+        sigset_t all, old, none;
+        volatile int child_err = 0, child_step = 0;
+        pid_t pid;
+        sigfillset(&all);
+        sigemptyset(&none);
+        /* Blocked until the child has reset them: heidi's handlers must never run in it. */
+        pthread_sigmask(SIG_SETMASK, &all, &old);
+        pid = vfork();
+        if (pid == 0) {
+            struct sigaction dfl;
+            int sig, fd, null_fd;
+            memset(&dfl, 0, sizeof dfl);
+            dfl.sa_handler = SIG_DFL;
+            for (sig = 1; sig < NSIG; sig++)
+                sigaction(sig, &dfl, NULL);
+            if (write(procs_fd, "0", 1) != 1) {
+                child_step = 1;
+                goto fail;
+            }
+            child_step = 3;
+            if (setsid() < 0)
+                goto fail;
+            fd = out_fd;
+            if (fd < 3 && (fd = fcntl(out_fd, F_DUPFD, 3)) < 0)
+                goto fail;
+            null_fd = open("/dev/null", O_RDONLY);
+            if (null_fd < 0 || (null_fd != 0 && dup2(null_fd, 0) < 0))
+                goto fail;
+            if (dup2(fd, 1) < 0 || dup2(fd, 2) < 0)
+                goto fail;
+            if (cwd != NULL && chdir(cwd) < 0) {
+                child_step = 2;
+                goto fail;
+            }
+            heidi_close_above2();
+            sigprocmask(SIG_SETMASK, &none, NULL);
+            execve(path, argv, envp);
+        fail:
+            child_err = errno ? errno : EINVAL;
+            _exit(127);
+        }
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (pid < 0)
+            return errno;
+        if (child_err != 0) {
+            int status;
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+            *failed_step = child_step;
+            return child_err;
+        }
+        *pid_out = pid;
+        return 0;
+    }
+    """
+    int heidi_spawn_cg(int *pid, const char *path, char **argv, char **envp, const char *cwd,
+                       int out_fd, int procs_fd, int *failed_step) nogil
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -244,6 +342,33 @@ def _spawn(bytes path, list argv, dict env, cwd, int out_w):
     return pid
 
 
+def _spawn_cg(bytes path, list argv, dict env, cwd, int out_w, int procs_fd):
+    """heidi_spawn_cg: the stage enters its cgroup before it execs; its pid, or OSError (with
+    filename "cgroup.procs" when entering the cgroup failed, the cwd when the chdir did)."""
+    cdef char **c_argv = _string_array(argv)
+    cdef char **c_env
+    try:
+        c_env = _env_block(env)
+    except BaseException:
+        PyMem_Free(c_argv)
+        raise
+    cdef bytes cwd_b = cwd
+    cdef const char *c_cwd = NULL if cwd_b is None else PyBytes_AS_STRING(cwd_b)
+    cdef const char *c_path = PyBytes_AS_STRING(path)
+    cdef int pid = 0, rc, step = 0
+    with nogil:
+        rc = heidi_spawn_cg(&pid, c_path, c_argv, c_env, c_cwd, out_w, procs_fd, &step)
+    PyMem_Free(c_env)
+    PyMem_Free(c_argv)
+    if rc != 0:
+        if step == 1:
+            raise OSError(rc, os.strerror(rc), _core.CGROUP_PROCS)
+        if step == 2:
+            raise OSError(rc, os.strerror(rc), os.fsdecode(cwd_b))
+        raise OSError(rc, os.strerror(rc))
+    return pid
+
+
 cdef object _read_chunk(int fd):
     """One read(); b"" at end of file."""
     cdef int avail = 0
@@ -274,7 +399,7 @@ def run_supervised(argv, *, cwd=None, env=None, timeout_s=None, grace_s=5.0, on_
     """Run argv as a stage and wait for it; see `heidi._fast.supervise` for the contract."""
     _core.check_args(timeout_s, grace_s, check_interval_s)
     stage = _core.Stage(argv, cwd, env, rlimits, grace_s)
-    stage.start(_spawn)
+    stage.start(_spawn, _spawn_cg)
     if stage.error is not None:
         return stage.result(False, timeout_s, False, 0)
     cdef int out_fd = stage.out_fd

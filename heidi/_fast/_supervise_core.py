@@ -26,6 +26,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from . import _supervise_cgroup as _cg
 from . import _supervise_watchdog as _wd
 from ._supervise_types import StageResult, make_result
 
@@ -57,6 +58,12 @@ _TOKEN_KEY = TOKEN_ENV.encode()
 _RUNNING, _TERM, _KILL = 0, 1, 2
 
 Spawn = Callable[[bytes, list, dict, "bytes | None", int], int]
+# spawn_cg(path, argv, env, cwd, out_w, procs_fd) -> pid: the new process writes itself into the
+# stage's cgroup (procs_fd) before it execs; OSError with filename CGROUP_PROCS if that failed.
+SpawnCg = Callable[[bytes, list, dict, "bytes | None", int, int], int]
+CGROUP_PROCS = "cgroup.procs"
+# How long ending a stage waits for its cgroup to empty after cgroup.kill before leaving it.
+CGROUP_EMPTY_S = 1.0
 
 
 _token_prefix = ""
@@ -142,13 +149,20 @@ def _resolve(name: bytes, env: Mapping[bytes, bytes], cwd: bytes | None) -> tupl
 
 
 def _fork_exec(path: bytes, argv: list, env: dict, cwd: bytes | None, out_w: int,
-               rlimits: list) -> tuple[int | None, str | None]:
-    """The slow path, for rlimits: posix_spawn cannot set them, and heidi must keep its own."""
+               rlimits: list, procs_fd: int = -1) -> tuple[int | None, str | None]:
+    """The slow path, for rlimits (posix_spawn cannot set them, and heidi must keep its own),
+    and for the pure twin's stages in a cgroup (procs_fd: the child moves itself in first)."""
     err_r, err_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         message = b"exec:0:"
         try:
+            if procs_fd >= 0:
+                try:
+                    os.write(procs_fd, b"0")
+                except OSError as exc:
+                    message = f"cgroup:{exc.errno}:".encode()
+                    raise
             os.setsid()
             for sig in _wd.SIGNALS_TO_DEFAULT:
                 try:
@@ -206,6 +220,8 @@ def _fork_exec(path: bytes, argv: list, env: dict, cwd: bytes | None, out_w: int
         except ChildProcessError:
             break
     what, num, extra = b"".join(chunks).decode().split(":", 2)
+    if what == "cgroup":
+        return None, CGROUP_PROCS
     if what == "rlimit":
         res, soft, hard = (int(x) for x in extra.split(","))
         name = _RLIMIT_NAMES.get(res, f"resource {res}")
@@ -228,6 +244,8 @@ class Stage:
     pid: int | None = None
     pidfd = out_fd = hold_fd = slot = -1
     registry: _wd.Registry | None = None
+    cgroup: _cg.StageCgroup | None = None
+    cg_usage: tuple[int, int, int | None] | None = None
     status: int | None = None
     rusage = (0, 0.0, 0.0)
     phase = _RUNNING
@@ -261,9 +279,10 @@ class Stage:
 
     # -- start
 
-    def start(self, spawn: Spawn) -> None:
-        """Spawn the stage (spawn(path, argv, env, cwd, out_w) -> pid, or OSError). A stage
-        that cannot start leaves `error` set and nothing running."""
+    def start(self, spawn: Spawn, spawn_cg: SpawnCg | None = None) -> None:
+        """Spawn the stage (spawn(path, argv, env, cwd, out_w) -> pid, or OSError); where this
+        process has cgroups, into a cgroup of its own (spawn_cg, or the fork path without
+        one). A stage that cannot start leaves `error` set and nothing running."""
         try:
             registry = _wd.registry()
         except OSError as exc:
@@ -283,7 +302,8 @@ class Stage:
         if path is None:
             self.error = f"cannot execute {os.fsdecode(self.argv[0])!r}: {_strerror(number)}"
             return
-        slot = registry.acquire(self, self.token)
+        where = _cg.containment()
+        slot = registry.acquire(self, self.token, where.parent)
         if slot < 0:
             self.error = f"cannot start a stage: {_wd.SLOTS} stages are running already"
             return
@@ -294,31 +314,39 @@ class Stage:
         out_r, out_w = os.pipe()
         pid = None
         try:
-            if self.rlimits:
-                pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w,
-                                             self.rlimits)
-            else:
-                try:
-                    pid = spawn(path, self.argv, self.env, self.cwd, out_w)
-                except OSError as exc:
-                    if exc.errno == _errno.ENOSYS:  # no posix_spawn chdir in this C library
-                        pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w,
-                                                     [])
-                    else:
-                        self.error = (f"cannot execute {os.fsdecode(self.argv[0])!r}: "
-                                      f"{_strerror(exc.errno)}")
+            if where.parent is not None:
+                self.cgroup = _cg.StageCgroup.create(where, self.token)
+                if self.cgroup is None:
+                    registry.no_cgroup(slot)
+                else:
+                    pid = self._spawn_in_cgroup(path, out_w, spawn_cg)
+                    if pid is None and self.error == CGROUP_PROCS:
+                        # Not allowed into the cgroup after all: as if there were none.
+                        self.error = None
+                        self.cgroup.remove(0.0)
+                        self.cgroup = None
+                        registry.no_cgroup(slot)
+                        _cg.disable(f"cannot move a process into a cgroup under {where.parent}")
+            if self.cgroup is None:
+                pid = self._spawn(path, out_w, spawn)
         except BaseException:
             os.close(out_r)
             os.close(out_w)
+            self._drop_cgroup()
             registry.release(slot)
             raise
         if pid is None:
             os.close(out_r)
             os.close(out_w)
+            self._drop_cgroup()
             registry.release(slot)
             self.error = self.error or f"cannot execute {os.fsdecode(self.argv[0])!r}"
             return
         registry.running(slot, pid, self.tick)
+        if self.cgroup is not None:
+            self.cgroup.spawned()
+        else:
+            _wd.wake(self.tick)  # (after running(): W's first look must see this stage)
         self.pid, self.out_fd, self.slot, self.live = pid, out_r, slot, True
         if USE_PIDFD:
             try:
@@ -335,6 +363,46 @@ class Stage:
             os.close(out_w)
             self.no_pidfd = True
             self.wake_at = self.t0 + self.backoff
+
+    def _spawn(self, path: bytes, out_w: int, spawn: Spawn) -> int | None:
+        if self.rlimits:
+            pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w, self.rlimits)
+            return pid
+        try:
+            return spawn(path, self.argv, self.env, self.cwd, out_w)
+        except OSError as exc:
+            if exc.errno == _errno.ENOSYS:  # no posix_spawn chdir in this C library
+                pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w, [])
+                return pid
+            self.error = f"cannot execute {os.fsdecode(self.argv[0])!r}: {_strerror(exc.errno)}"
+            return None
+
+    def _spawn_in_cgroup(self, path: bytes, out_w: int, spawn_cg: SpawnCg | None) -> int | None:
+        """The new process enters the cgroup before it execs: nothing of the stage ever runs
+        outside it. On a refusal to enter, error is CGROUP_PROCS."""
+        assert self.cgroup is not None
+        procs_fd = self.cgroup.procs_fd
+        if self.rlimits or spawn_cg is None:
+            pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w,
+                                         self.rlimits or [], procs_fd)
+            return pid
+        try:
+            return spawn_cg(path, self.argv, self.env, self.cwd, out_w, procs_fd)
+        except OSError as exc:
+            if exc.filename == CGROUP_PROCS:
+                self.error = CGROUP_PROCS
+            elif exc.filename is not None:  # the chdir failed
+                self.error = (f"cannot change directory to {os.fsdecode(self.cwd)!r}: "
+                              f"{_strerror(exc.errno)}")
+            else:
+                self.error = (f"cannot execute {os.fsdecode(self.argv[0])!r}: "
+                              f"{_strerror(exc.errno)}")
+            return None
+
+    def _drop_cgroup(self) -> None:
+        if self.cgroup is not None:
+            self.cgroup.remove(CGROUP_EMPTY_S)
+            self.cgroup = None
 
     # -- the wait loop's calls
 
@@ -450,9 +518,17 @@ class Stage:
         if self.error is not None:
             timed_out = stopped = False
         maxrss, utime, stime = self.rusage
+        cpu_source = memory_source = "rusage"
+        if self.cg_usage is not None:
+            # The whole stage tree, daemons and unreaped grandchildren included.
+            user_us, sys_us, peak = self.cg_usage
+            utime, stime, cpu_source = user_us / 1e6, sys_us / 1e6, "cgroup"
+            if peak is not None:
+                maxrss, memory_source = peak // 1024, "cgroup"
         return make_result(self.pid, exit_code, sig, timed_out,
                            timeout_s if timed_out else None, stopped, self.error, output_bytes,
-                           wall_ms, int(maxrss), float(utime), float(stime))
+                           wall_ms, int(maxrss), float(utime), float(stime), cpu_source,
+                           memory_source)
 
     # -- inside
 
@@ -509,7 +585,7 @@ class Stage:
         """After the main process ended: True when nothing of the stage can be left, told from
         this process's own children alone (being a subreaper, it has adopted every orphan).
         False means: look properly (_members)."""
-        if not self.subreaper:
+        if not self.subreaper or (self.cgroup is not None and self.cgroup.populated()):
             return False
         me = self.me
         children = _wd.children_of(me)
@@ -553,6 +629,8 @@ class Stage:
                     roots.append(pid)
             elif not subreaper and _wd.has_token(pid, self.needle):
                 roots.append(pid)  # no subreaper here: escaped processes are anywhere
+        if self.cgroup is not None:
+            roots.extend(pid for pid in self.cgroup.pids() if pid in procs and pid not in skip)
         members = []
         for pid in _wd.descendants(procs, roots, skip):
             if pid == main and not self.reaped:
@@ -565,6 +643,8 @@ class Stage:
         return members
 
     def _signal(self, members: list[tuple[int, int]], sig: int) -> None:
+        if sig == signal.SIGKILL and self.cgroup is not None:
+            self.cgroup.kill()  # everything in it, whatever it did to its session or env
         group = not self.reaped  # the group id is the stage's only while the main is unreaped
         if group:
             try:
@@ -608,6 +688,20 @@ class Stage:
     def _finish(self) -> None:
         self.finished, self.live = True, False
         self._close_fds()  # (still open if we gave up on an unkillable main process)
+        cgroup = self.cgroup
+        if cgroup is not None:
+            # Nothing of the stage is left that heidi can see; the cgroup says so for the
+            # rest (a process that escaped heidi's view dies here). Its usage first: the
+            # directory's counters go with it.
+            usage = cgroup.usage()
+            if cgroup.remove(0.0):  # (an rmdir: the common case, an empty cgroup)
+                self.cg_usage, self.cgroup = usage, None
+            else:
+                cgroup.kill()
+                gone = cgroup.remove(CGROUP_EMPTY_S)
+                self.cg_usage = cgroup.usage() or usage if not gone else usage
+                if gone:
+                    self.cgroup = None
         self._release()
 
     def _close_fds(self) -> None:

@@ -25,13 +25,14 @@ def signal_name(number: int) -> str:
 
 @dataclass(frozen=True)
 class StageResult:
-    """How a stage ended, plus what it cost (rusage of the stage's main process and its reaped
-    descendants). Exactly one of spawn_error / signal / exit_code describes the end; timed_out
-    and stopped say why heidi ended it.
+    """How a stage ended, plus what it cost. Exactly one of spawn_error / signal / exit_code
+    describes the end; timed_out and stopped say why heidi ended it.
 
-    peak_rss_kb is ru_maxrss, and Linux counts in it the address space the process had before
-    exec -- with posix_spawn's vfork, the supervising process's own resident size: small values
-    are that floor, not the stage's own."""
+    cpu_source / memory_source say where the figures come from. "cgroup": the stage's own
+    cgroup (cpu.stat, memory.peak), covering every process the stage started. "rusage": the
+    rusage of the main process and its reaped descendants; there peak_rss_kb is ru_maxrss, and
+    Linux counts in it the address space the process had before exec -- with vfork, the
+    supervising process's own resident size: small values are that floor, not the stage's."""
 
     pid: int | None
     exit_code: int | None
@@ -45,6 +46,8 @@ class StageResult:
     peak_rss_kb: int
     cpu_user_s: float
     cpu_sys_s: float
+    cpu_source: str = "rusage"
+    memory_source: str = "rusage"
 
     @property
     def ok(self) -> bool:

@@ -18,9 +18,11 @@ it through `heidi._fast.supervise`.
 # message, so W sleeps through every stage. W holds the read end of a pipe whose only write end
 # is heidi's (the lifeline; close-on-exec, and closed in heidi's own forks by an at-fork hook).
 # When heidi dies, by any signal, the kernel closes that end, W wakes, reads the registry and
-# SIGKILLs every process of every stage in it: the stage's process group and session, every
-# process whose environment carries a stage's token, the processes heidi had adopted (W keeps a
-# snapshot of them, twice a second while stages run, for a daemon that both left the session and
+# SIGKILLs every process of every stage in it: a stage that has a cgroup (see
+# `_supervise_cgroup`) by its cgroup.kill, which nothing in the cgroup escapes, and then, for
+# every stage, its process group and session, every process whose environment carries a stage's
+# token, the processes heidi had adopted (W keeps a snapshot of them, every 20 ms while a stage
+# without a cgroup is young, twice a second after, for a daemon that both left the session and
 # dropped its environment), and all their descendants. A getppid() check twice a second is the
 # second line, should the lifeline ever leak. If W itself dies, heidi starts a new one within a
 # second; the registry, being heidi's memory, survives it.
@@ -38,6 +40,8 @@ import struct
 import threading
 import time
 
+from . import _supervise_cgroup as _cg
+
 __all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started", "has_token",
            "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
            "token_needle", "watchdog_pid")
@@ -48,12 +52,27 @@ TOKEN_ENV = "HEIDI_STAGE_TOKEN"
 GIVE_UP_S = 5.0
 # How often W wakes: to look at heidi's adopted children while stages run, and at getppid().
 SNAPSHOT_S = 0.5
+# ... and while a stage without a cgroup is younger than YOUNG_S, when a daemon it starts is
+# most likely to detach: what W has not seen when heidi dies (setsid'd, env-less, adopted in
+# the last YOUNG_SNAPSHOT_S) could escape.
+YOUNG_SNAPSHOT_S = 0.005
+YOUNG_S = 5.0
 # Concurrent stages one heidi process can run (a slot each).
 SLOTS = 128
 
-# A slot: state, main pid, start tick, token (32 hex digits). state: 0 free, 1 spawning (the
-# token is valid, the pid not yet), 2 running.
-_SLOT = struct.Struct("=iiq32s")
+# A slot: state, main pid, start tick, token (32 hex digits), in a cgroup (1: the stage's cgroup
+# is <the parent written after the slots>/stage-<token>). state: 0 free, 1 spawning (the token
+# is valid, the pid not yet), 2 running.
+_SLOT = struct.Struct("=iiq32si")
+_CGROUP_FLAG = struct.Struct("=i")
+_CGROUP_FLAG_AT = 48
+# After the slots: the directory the stage cgroups are in (length, then the path).
+_PARENT_AT = SLOTS * 64
+_PARENT_MAX = 4096 - 4 - 8
+# Last in the page, written by W: the clock tick until which it looks every YOUNG_SNAPSHOT_S
+# anyway (heidi then need not wake it for a new stage).
+_FAST_UNTIL_AT = _PARENT_AT + 4 + _PARENT_MAX
+_TICK = struct.Struct("=q")
 _HEAD = struct.Struct("=iiq")
 _STATE = struct.Struct("=i")
 _SLOT_SIZE = 64
@@ -181,20 +200,40 @@ class Registry:
     (see the comment at the top)."""
 
     def __init__(self) -> None:
-        self.page = mmap.mmap(-1, SLOTS * _SLOT_SIZE)  # MAP_SHARED | MAP_ANONYMOUS
+        self.page = mmap.mmap(-1, _FAST_UNTIL_AT + 8)  # MAP_SHARED | MAP_ANONYMOUS
+        self.parent = ""
         self.lock = threading.Lock()
         self.stages: list[object | None] = [None] * SLOTS
         self.free = list(range(SLOTS - 1, -1, -1))  # lowest slot first
 
-    def acquire(self, stage: object, token: str) -> int:
-        """A slot for a stage about to be spawned, or -1 when all are taken."""
+    def acquire(self, stage: object, token: str, cgroup_parent: str | None = None) -> int:
+        """A slot for a stage about to be spawned, or -1 when all are taken. cgroup_parent:
+        the stage gets a cgroup there (W kills it if heidi dies)."""
+        in_cgroup = 0
         with self.lock:
             if not self.free:
                 return -1
+            if cgroup_parent is not None:
+                in_cgroup = self._set_parent(cgroup_parent)
             slot = self.free.pop()
             self.stages[slot] = stage
-        _SLOT.pack_into(self.page, slot * _SLOT_SIZE, _SPAWNING, 0, 0, token.encode())
+        _SLOT.pack_into(self.page, slot * _SLOT_SIZE, _SPAWNING, 0, 0, token.encode(), in_cgroup)
         return slot
+
+    def _set_parent(self, parent: str) -> int:
+        if parent == self.parent:
+            return 1
+        data = os.fsencode(parent)
+        if len(data) > _PARENT_MAX or any(s is not None for s in self.stages):
+            return 0  # (one parent per process; it changes only between stages)
+        self.page[_PARENT_AT + 4:_PARENT_AT + 4 + len(data)] = data
+        _STATE.pack_into(self.page, _PARENT_AT, len(data))
+        self.parent = parent
+        return 1
+
+    def no_cgroup(self, slot: int) -> None:
+        """The stage runs without a cgroup after all."""
+        _CGROUP_FLAG.pack_into(self.page, slot * _SLOT_SIZE + _CGROUP_FLAG_AT, 0)
 
     def running(self, slot: int, pid: int, tick: int) -> None:
         # One store of state, pid and tick: W reads slots only once heidi is dead (and, for its
@@ -214,14 +253,20 @@ class Registry:
         with self.lock:
             return [s for s in self.stages if s is not None and s is not stage]
 
-    def read(self) -> list[tuple[int, int, int, str]]:
-        """(state, pid, tick, token) of the slots in use, as W sees them."""
+    def read(self) -> list[tuple[int, int, int, str, bool]]:
+        """(state, pid, tick, token, in a cgroup) of the slots in use, as W sees them."""
         out = []
         for slot in range(SLOTS):
-            state, pid, tick, token = _SLOT.unpack_from(self.page, slot * _SLOT_SIZE)
+            state, pid, tick, token, in_cgroup = _SLOT.unpack_from(self.page, slot * _SLOT_SIZE)
             if state in (_SPAWNING, _RUNNING):
-                out.append((state, pid, tick, token.decode("ascii", "replace")))
+                out.append((state, pid, tick, token.decode("ascii", "replace"), in_cgroup == 1))
         return out
+
+    def cgroup_parent(self) -> str | None:
+        size = _STATE.unpack_from(self.page, _PARENT_AT)[0]
+        if not 0 < size <= _PARENT_MAX:
+            return None
+        return os.fsdecode(self.page[_PARENT_AT + 4:_PARENT_AT + 4 + size])
 
 
 # ---- the watchdog process -----------------------------------------------------------------------
@@ -275,24 +320,33 @@ class _Sentinel:
             self._setup()
             poller = select.poll()
             poller.register(self.lifeline, select.POLLIN)
+            wait_ms = int(SNAPSHOT_S * 1000)
             while True:
-                if poller.poll(int(SNAPSHOT_S * 1000)):
-                    if not os.read(self.lifeline, 64):
-                        break  # heidi is gone (lifeline EOF)
+                if poller.poll(wait_ms):
+                    if not os.read(self.lifeline, 4096):
+                        break  # heidi is gone (lifeline EOF); otherwise: wake() from heidi
                 if os.getppid() != self.heidi:
                     break  # heidi is gone and the lifeline somehow was not closed
-                self._snapshot()
+                wait_ms = int(self._snapshot() * 1000)
             self._kill_stages()
         finally:
             os._exit(0)
 
-    def _snapshot(self) -> None:
+    def _snapshot(self) -> float:
+        """Note what heidi has adopted; returns how long to wait before the next look."""
         slots = self.registry.read()
-        if not slots:
+        # Stages in a cgroup need no snapshot: their cgroup holds whatever they started.
+        ticks = [tick for state, _, tick, _, in_cgroup in slots
+                 if state == _RUNNING and not in_cgroup]
+        if not ticks:
             self.adopted = {}
-            return
-        oldest = min((tick for state, _, tick, _ in slots if state == _RUNNING), default=None)
-        mains = {pid for state, pid, _, _ in slots if state == _RUNNING}
+            _TICK.pack_into(self.registry.page, _FAST_UNTIL_AT, 0)
+            return SNAPSHOT_S
+        oldest = min(ticks)
+        fast_until = int(max(ticks) + YOUNG_S * _CLK_TCK)
+        young = fast_until >= start_tick()
+        _TICK.pack_into(self.registry.page, _FAST_UNTIL_AT, fast_until if young else 0)
+        mains = {pid for state, pid, _, _, _ in slots if state == _RUNNING}
         adopted = {}
         for pid in children_of(self.heidi) or ():
             if pid == self.me or pid in mains:
@@ -301,17 +355,30 @@ class _Sentinel:
             if info is not None and oldest is not None and info[4] >= oldest:
                 adopted[pid] = info[4]
         self.adopted = adopted
+        return YOUNG_SNAPSHOT_S if young else SNAPSHOT_S
 
     def _kill_stages(self) -> None:
         slots = self.registry.read()
         if not slots:
             return
-        mains = {pid: tick for state, pid, tick, _ in slots if state == _RUNNING and pid > 0}
-        needles = [token_needle(token) for _, _, _, token in slots]
+        give_up = time.monotonic() + GIVE_UP_S
+        parent = self.registry.cgroup_parent()
+        cgroups = [_cg.StageCgroup(_cg.stage_path(parent, token))
+                   for _, _, _, token, in_cgroup in slots if in_cgroup and parent]
+        for cgroup in cgroups:
+            cgroup.kill()  # the whole stage at once, however it hid from the scan below
+        try:
+            self._kill_processes(slots, give_up)
+        finally:
+            for cgroup in cgroups:
+                cgroup.remove(max(0.1, give_up - time.monotonic()))
+
+    def _kill_processes(self, slots: list, give_up: float) -> None:
+        mains = {pid: tick for state, pid, tick, _, _ in slots if state == _RUNNING and pid > 0}
+        needles = [token_needle(token) for _, _, _, token, _ in slots]
         # A stage caught between spawn and exec carries heidi's environment, not its token, for
         # a moment: look again a little later before concluding nothing is left.
-        second_looks = 3 if any(state == _SPAWNING for state, _, _, _ in slots) else 1
-        give_up = time.monotonic() + GIVE_UP_S
+        second_looks = 3 if any(state == _SPAWNING for state, _, _, _, _ in slots) else 1
         while time.monotonic() < give_up:
             procs = scan_procs()
             roots = []
@@ -375,6 +442,7 @@ class _Client:
             self.subreaper = _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
         registry = self.registry  # the at-fork hook clears self.* in the child
         read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)  # a wake-up (see wake()) must never block heidi
         parent_pid = os.getpid()
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS_TO_DEFAULT)
         try:
@@ -445,6 +513,20 @@ def ensure_started() -> int:
     threads) and make this process a child subreaper. Returns the watchdog's pid."""
     _client.ensure()
     return _client.pid or 0
+
+
+def wake(tick: int) -> None:
+    """Have W look at heidi's adopted children now (a stage without a cgroup just started at
+    tick): W sleeps SNAPSHOT_S while no such stage runs, and a daemon the stage starts may
+    detach at once. Nothing to do while W looks often anyway."""
+    lifeline, registry = _client.lifeline, _client.registry
+    if registry is not None and _TICK.unpack_from(registry.page, _FAST_UNTIL_AT)[0] > tick + 1:
+        return
+    if lifeline >= 0:
+        try:
+            os.write(lifeline, b"w")
+        except OSError:
+            pass  # full (W is busy: it looks soon anyway) or W is being replaced
 
 
 def registry() -> Registry:

@@ -5,7 +5,8 @@ rlimits) -> StageResult. The stage runs in its own session (stdin /dev/null, std
 into on_output, only fds 0-2, env as given plus HEIDI_STAGE_TOKEN); timeout or should_stop() ->
 SIGTERM to all of its processes, SIGKILL grace_s later; it never outlives heidi, even a SIGKILLed
 heidi (see `_supervise_watchdog`): the calling process becomes a child subreaper and keeps a
-watchdog process. A command that cannot start gives result.spawn_error; an exception from a
+watchdog process; where it can create cgroup v2 children, each stage runs in its own, killed
+whole at its end (see `_supervise_cgroup`; containment() says which is in use). A command that cannot start gives result.spawn_error; an exception from a
 callback terminates the stage, then propagates. Which processes count as a stage's:
 `_supervise_core`.
 """
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING
 
 from . import no_extensions
 
-__all__ = ("COMPILED", "StageResult", "run_supervised", "ensure_watchdog", "watchdog_pid")
+__all__ = ("COMPILED", "StageResult", "containment", "ensure_watchdog", "run_supervised",
+           "running_containment", "watchdog_pid")
 
 if TYPE_CHECKING:
     from ._supervise_py import StageResult, run_supervised
@@ -30,5 +32,6 @@ else:
         from ._supervise_py import StageResult, run_supervised
         COMPILED = False
 
+from ._supervise_cgroup import containment, running_containment  # noqa: E402
 from ._supervise_watchdog import ensure_started as ensure_watchdog  # noqa: E402
 from ._supervise_watchdog import watchdog_pid  # noqa: E402
