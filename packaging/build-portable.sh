@@ -79,6 +79,17 @@ in_root() {  # run a shell script in a root with a clean environment
     LANG=C.UTF-8 DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 PIP_CERT=/etc/ssl/certs/heidi-host-ca.crt /bin/bash -euo pipefail -c "$*"
 }
+# Delete old roots, never through a mount left inside one (a killed build's bind of /dev).
+drop_roots() {
+  local r m
+  for r in "$@"; do
+    [ -e "$r" ] || continue
+    for m in $(awk -v r="$r/" 'index($2, r) == 1 {print $2}' /proc/mounts | sort -r); do
+      umount -l "$m" || die "cannot unmount $m; not deleting $r"
+    done
+    rm -rf --one-file-system "$r"
+  done
+}
 # A bullseye root made by debootstrap; $1 name, $2 variant, $3 packages. Echoes its path.
 make_root() {
   local name="$1" variant="$2" pkgs="$3" k dir
@@ -86,7 +97,7 @@ make_root() {
   dir="$CACHE/$name-$SUITE-$k"
   if [ ! -e "$dir/.heidi-ready" ]; then
     log "debootstrap $SUITE ($name) into $dir"
-    rm -rf "$dir" "$CACHE/$name-$SUITE-"*
+    drop_roots "$CACHE/$name-$SUITE-"*
     debootstrap --variant="$variant" --include="$pkgs" --cache-dir="$CACHE/debs" \
       "$SUITE" "$dir" "$MIRROR" >"$CACHE/$name.debootstrap.log" 2>&1 \
       || { tail -20 "$CACHE/$name.debootstrap.log" >&2; die "debootstrap of $SUITE failed (log: $CACHE/$name.debootstrap.log)"; }
@@ -164,5 +175,5 @@ rm -rf "$DIST/heidi" "$DIST/heidi-dir"
 cp -a "$BROOT/build/heidi/dist/heidi" "$BROOT/build/heidi/dist/heidi-dir" "$DIST/"
 rm -rf "$BROOT/build/heidi"
 log "built $DIST/heidi and $DIST/heidi-dir/ in $(( $(date +%s) - t0 )) s"
-python3 "$root/packaging/glibc_check.py" --max 2.31 "$DIST/heidi" "$DIST/heidi-dir" \
+python3 "$root/packaging/glibc_check.py" --summary --max 2.31 "$DIST/heidi" "$DIST/heidi-dir" \
   || die "the portable build needs a newer glibc than 2.31 (above)"
