@@ -1,6 +1,8 @@
 """Start-up time of the CLI (design.md §10): `heidi version` beside the bare interpreter start it
-cannot avoid, and the frozen one-file / one-folder binaries when packaging/build.sh made them.
+cannot avoid, the frozen one-file / one-folder binaries when packaging/build.sh made them, and
+the portable (glibc 2.31) ones when packaging/build-portable.sh wrote them to dist-portable/:
 
+  HEIDI_PORTABLE_DIST=dist-portable bash packaging/build-portable.sh
 Run: python -m pytest bench/bench_startup.py --benchmark-only -q -s
 Targets: frozen onedir well under 100 ms, onefile well under 200 ms (printed, not asserted).
 """
@@ -17,6 +19,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONEFILE = os.path.join(ROOT, "dist", "heidi")
 ONEDIR = os.path.join(ROOT, "dist", "heidi-dir", "heidi")
+PORTABLE = os.environ.get("HEIDI_PORTABLE_DIST", os.path.join(ROOT, "dist-portable"))
 ENV = {**os.environ, "PYTHONPATH": ROOT}
 COMMANDS = {
     "python -c pass (floor)": [sys.executable, "-c", "pass"],
@@ -24,7 +27,10 @@ COMMANDS = {
     "python -m heidi status": [sys.executable, "-m", "heidi", "status", "--out-dir", "/nonexistent-heidi-bench"],
     "frozen onefile: heidi version": [ONEFILE, "version"],
     "frozen onedir: heidi version": [ONEDIR, "version"],
+    "portable onefile: heidi version": [os.path.join(PORTABLE, "heidi"), "version"],
+    "portable onedir: heidi version": [os.path.join(PORTABLE, "heidi-dir", "heidi"), "version"],
 }
+TARGETS = {"onefile": 0.200, "onedir": 0.100}
 _MEDIANS: dict[str, float] = {}
 
 
@@ -36,7 +42,8 @@ def _run(argv: list[str]) -> None:
 def test_startup(benchmark, name):
     argv = COMMANDS[name]
     if not os.path.exists(argv[0]):
-        pytest.skip(f"{argv[0]} not built (packaging/build.sh, HEIDI_ONEDIR=1 for onedir)")
+        pytest.skip(f"{argv[0]} not built (packaging/build.sh with HEIDI_ONEDIR=1, or "
+                    "packaging/build-portable.sh)")
     benchmark.group = "start-up"
     benchmark.pedantic(_run, args=(argv,), rounds=15, iterations=1, warmup_rounds=2)
     # interleave-free but same-run median, for the ratio report below
@@ -57,6 +64,13 @@ def _report():
     print("\nstart-up, median of 15 runs:")
     for name, value in _MEDIANS.items():
         ratio = f"  {value / floor:.2f}x the bare interpreter" if floor else ""
-        target = {"frozen onefile: heidi version": 0.200, "frozen onedir: heidi version": 0.100}.get(name)
+        layout = name.split(":")[0].split()[-1]
+        target = TARGETS.get(layout) if not name.startswith("python") else None
         verdict = f"  (target < {target * 1000:.0f} ms: {'met' if value < target else 'NOT MET'})" if target else ""
         print(f"  {name:34s} {value * 1000:7.1f} ms{ratio}{verdict}")
+    # The portable build against today's build, layout by layout: no slower is the goal.
+    for layout in TARGETS:
+        frozen = _MEDIANS.get(f"frozen {layout}: heidi version")
+        portable = _MEDIANS.get(f"portable {layout}: heidi version")
+        if frozen and portable:
+            print(f"  portable / frozen {layout}: {portable / frozen:.2f}x")

@@ -1,4 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, annotation_typing=False
+# distutils: libraries = dl
 """Stage supervision, compiled twin of `_supervise_py` (same API, same `_supervise_core.Stage`).
 
 Spawning is posix_spawn called from C with the argv and environment laid out in one block and
@@ -27,21 +28,33 @@ cdef extern from *:
     #include <signal.h>
     #include <spawn.h>
     #include <dirent.h>
+    #include <dlfcn.h>
     #include <stdio.h>
     #include <stdlib.h>
     #include <sys/resource.h>
     #include <sys/wait.h>
     #include <unistd.h>
 
-    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
-    #define HEIDI_CLOSEFROM 1
-    #endif
-    #if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 29))
-    #define HEIDI_CHDIR 1
+    #ifndef RTLD_DEFAULT
+    #define RTLD_DEFAULT ((void *)0)
     #endif
 
-    #ifndef HEIDI_CLOSEFROM
-    /* Older C libraries: close, in the child, every fd above 2 that is not close-on-exec. */
+    /* The file actions newer than the oldest glibc heidi runs on (2.29 for chdir, 2.34 for
+       closefrom) are looked up when the module loads, not linked: the same .so then needs no
+       newer glibc than the one it meets, and uses them wherever that glibc has them. */
+    typedef int (*heidi_addclosefrom_fn)(posix_spawn_file_actions_t *, int);
+    typedef int (*heidi_addchdir_fn)(posix_spawn_file_actions_t *, const char *);
+    static heidi_addclosefrom_fn heidi_addclosefrom = NULL;
+    static heidi_addchdir_fn heidi_addchdir = NULL;
+
+    static void heidi_resolve_spawn(int closefrom, int chdir) {
+        heidi_addclosefrom = closefrom ? (heidi_addclosefrom_fn)dlsym(
+            RTLD_DEFAULT, "posix_spawn_file_actions_addclosefrom_np") : NULL;
+        heidi_addchdir = chdir ? (heidi_addchdir_fn)dlsym(
+            RTLD_DEFAULT, "posix_spawn_file_actions_addchdir_np") : NULL;
+    }
+
+    /* Without closefrom: close, in the child, every fd above 2 that is not close-on-exec. */
     static int heidi_add_closes(posix_spawn_file_actions_t *fa, int keep) {
         DIR *dir = opendir("/proc/self/fd");
         struct dirent *entry;
@@ -58,7 +71,6 @@ cdef extern from *:
         closedir(dir);
         return 0;
     }
-    #endif
 
     /* 1 if the children of `me`'s main thread are at most `allowed` (the watchdog), 0 if there is
        another, -1 if that cannot be told here (no such file, or too many to look at). */
@@ -100,10 +112,8 @@ cdef extern from *:
         posix_spawn_file_actions_t actions;
         sigset_t none, all;
         int rc;
-    #ifndef HEIDI_CHDIR
-        if (cwd != NULL)
-            return ENOSYS;
-    #endif
+        if (cwd != NULL && heidi_addchdir == NULL)
+            return ENOSYS;  /* the caller forks and execs instead */
         sigemptyset(&none);
         sigfillset(&all);  /* the C library leaves out its own internal signals */
         if ((rc = posix_spawnattr_init(&attr)) != 0)
@@ -119,14 +129,9 @@ cdef extern from *:
         if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
         if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
         if (rc == 0) rc = posix_spawn_file_actions_adddup2(&actions, out_fd, 2);
-    #ifdef HEIDI_CHDIR
-        if (rc == 0 && cwd != NULL) rc = posix_spawn_file_actions_addchdir_np(&actions, cwd);
-    #endif
-    #ifdef HEIDI_CLOSEFROM
-        if (rc == 0) rc = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
-    #else
-        if (rc == 0) rc = heidi_add_closes(&actions, out_fd);
-    #endif
+        if (rc == 0 && cwd != NULL) rc = heidi_addchdir(&actions, cwd);
+        if (rc == 0) rc = heidi_addclosefrom != NULL ? heidi_addclosefrom(&actions, 3)
+                                                    : heidi_add_closes(&actions, out_fd);
         if (rc == 0) rc = posix_spawn(pid, path, &actions, &attr, argv, envp);
         posix_spawn_file_actions_destroy(&actions);
         posix_spawnattr_destroy(&attr);
@@ -136,6 +141,9 @@ cdef extern from *:
     int heidi_spawn(int *pid, const char *path, char **argv, char **envp, const char *cwd,
                     int out_fd) nogil
     int heidi_no_other_child(int me, int allowed) nogil
+    void heidi_resolve_spawn(int closefrom, int chdir)
+    void *heidi_addclosefrom
+    void *heidi_addchdir
     struct timeval:
         long tv_sec
         long tv_usec
@@ -269,6 +277,18 @@ HIDDEN_IMPORTS = ("heidi._fast._supervise_core", "heidi._fast._supervise_watchdo
                   "heidi._fast._supervise_types", "os")
 
 COMPILED = True
+heidi_resolve_spawn(1, 1)
+
+
+def _spawn_features():
+    """Which newer posix_spawn file actions the running C library has (else: the fallbacks)."""
+    return {"closefrom": heidi_addclosefrom != NULL, "chdir": heidi_addchdir != NULL}
+
+
+def _use_spawn_features(bint closefrom, bint chdir):
+    """Tests: act as on a C library without them (False), or look them up again (True)."""
+    heidi_resolve_spawn(closefrom, chdir)
+    return _spawn_features()
 # Largest chunk handed to on_output (the output pipe holds 1 MiB).
 cdef Py_ssize_t READ_MAX = 1 << 20
 # Read size when FIONREAD has nothing to say (end of file, or a racing writer).
