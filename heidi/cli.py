@@ -230,8 +230,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_redact(args: argparse.Namespace) -> int:
-    from ._fast.redact import default_redactor
-    redactor = default_redactor()
+    from ._fast.redact import default_redactor, redact_lines
+    redact = default_redactor().redact
     if args.file is None or args.file == "-":
         src = sys.stdin
     else:
@@ -241,7 +241,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
             raise _UsageExit(f"heidi redact: {args.file}: {exc.strerror}") from None
     out = sys.stdout
     try:
-        for line in redactor.redact_lines(src):
+        for line in redact_lines(src, redact):
             out.write(line)
         out.flush()
     finally:
