@@ -41,17 +41,22 @@ def _popen_gives_default_signals() -> bool:
     """True when nothing is ignored but what Popen resets, and this thread blocks nothing
     (SigIgn is the process's, SigBlk this thread's)."""
     try:
-        with open(f"/proc/self/task/{threading.get_native_id()}/status", "rb") as fh:
-            status = fh.read()
-    except OSError:
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/status",
+                     os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 16384)
+        finally:
+            os.close(fd)
+        blocked = _field(status, b"\nSigBlk:")
+        ignored = _field(status, b"\nSigIgn:")
+    except (OSError, ValueError):
         return False
-    blocked = ignored = -1
-    for line in status.splitlines():
-        if line.startswith(b"SigBlk:"):
-            blocked = int(line[7:], 16)
-        elif line.startswith(b"SigIgn:"):
-            ignored = int(line[7:], 16)
-    return blocked & _ALL == 0 and ignored >= 0 and ignored & _ALL & ~_RESET_BY_POPEN == 0
+    return blocked & _ALL == 0 and ignored & _ALL & ~_RESET_BY_POPEN == 0
+
+
+def _field(status: bytes, name: bytes) -> int:
+    start = status.index(name) + len(name)
+    return int(status[start:status.index(b"\n", start)], 16)
 
 
 def _spawn(path: bytes, argv: list, env: dict, cwd: bytes | None, out_w: int) -> int:
