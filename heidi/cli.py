@@ -251,10 +251,11 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from ._fast import implementations
+    from ._fast import implementations, no_extensions
     info = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False))}
     if args.verbose or args.json:
+        info["no_extensions"] = no_extensions()
         info["modules"] = implementations()
     if args.json:
         _print_json(info)
@@ -262,6 +263,8 @@ def cmd_version(args: argparse.Namespace) -> int:
     print(f"heidi {__version__}")
     if args.verbose:
         print(f"python {info['python']}{' (frozen)' if info['frozen'] else ''}")
+        if info["no_extensions"]:
+            print("HEIDI_NO_EXTENSIONS is set: the pure-Python twins are used")
         for name, kind in info["modules"].items():
             print(f"heidi._fast.{name}: {kind}")
     return EXIT_OK
