@@ -1,5 +1,5 @@
-"""Shared fixtures: heidi/_fast tests, and the suites marked with the `twin` fixture, run against
-both implementations of every _fast module (ids py / c).
+"""Shared fixtures: heidi/_fast tests, and the suites in TWIN_SUITES (journal, machine, verify),
+run against both implementations of every _fast module (ids py / c).
 
 `impl_kind` is one session-scoped fixture parametrised over the twins, as in aio-libs multidict's
 conftest: pytest runs all tests of one twin, then all of the other. `fast_impl(name)` gives a
@@ -26,6 +26,16 @@ from heidi._fast import MODULES, no_extensions
 def pytest_addoption(parser):
     parser.addoption("--no-c-extensions", action="store_true", default=False,
                      help="skip the compiled (Cython) variants of heidi/_fast tests")
+
+
+# Suites above heidi/_fast that run on both twins too: every test file whose name starts so
+# (test_machine_*.py included).
+TWIN_SUITES = ("test_journal", "test_machine", "test_verify")
+
+
+def pytest_collectstart(collector):
+    if isinstance(collector, pytest.Module) and collector.path.stem.startswith(TWIN_SUITES):
+        collector.add_marker(pytest.mark.usefixtures("twin"))
 
 
 def _require_compiled() -> bool:

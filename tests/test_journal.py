@@ -20,9 +20,6 @@ from heidi.journal import JournalWriter, read_events, read_tail, verify_journal
 from cli_helpers import clean_env as _env
 from cli_helpers import heidi_cli
 
-# Every test here runs on both twins of the _fast modules (conftest.py: twin).
-pytestmark = pytest.mark.usefixtures("twin")
-
 KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
         "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z\Z")

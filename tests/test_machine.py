@@ -24,9 +24,6 @@ from heidi.machine import (NEXT_ROUND, STAGE_OF, TRANSITIONS, Machine, StageOutc
                            verify_run)
 from heidi.status import read_state
 
-# Every test here runs on both twins of the _fast modules (conftest.py: twin).
-pytestmark = pytest.mark.usefixtures("twin")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FULL_STAGES = ("generate", "validate", "train", "eval")
 TESTED_STAGES = ("generate", "validate", "test", "train", "eval")

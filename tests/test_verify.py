@@ -12,9 +12,6 @@ import pytest
 
 from cli_helpers import heidi_cli
 
-# Every test here runs on both twins of the _fast modules (conftest.py: twin).
-pytestmark = pytest.mark.usefixtures("twin")
-
 RUN = "verify_run_1"
 CHAIN_BROKEN = ("prev_hash does not match the previous line (chain broken: that line was changed, "
                 "or lines were deleted, swapped or inserted before this one)")
