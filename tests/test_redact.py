@@ -418,7 +418,8 @@ def test_redact_lines_streams_lazily(fast_impl):
 def test_redact_lines_one_line_pem_needs_no_state(fast_impl):
     redactor = fast_impl("redact").Redactor(env={})
     one_line = "k=-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END PRIVATE KEY-----\\n\n"
-    assert list(redact_lines([one_line, "next\n"], redactor.redact)) == ["k=[PRIVATE_KEY]\\n\n", "next\n"]
+    assert list(redact_lines([one_line, "next\n"], redactor.redact)) == [
+        "k=[PRIVATE_KEY]\\n\n", "next\n"]
 
 
 # ---- the twins agree -----------------------------------------------------------------------------
@@ -448,7 +449,8 @@ def test_compiled_and_pure_twins_give_identical_output():
     for text in texts + [whole, whole.replace("\n", "\r\n"), ""]:
         assert c_redactor.redact(text) == py_redactor.redact(text)
     lines = whole.splitlines(keepends=True) + [line for text in texts for line in _pem_lines()]
-    assert list(redact_lines(lines, c_redactor.redact)) == list(redact_lines(lines, py_redactor.redact))
+    assert (list(redact_lines(lines, c_redactor.redact))
+            == list(redact_lines(lines, py_redactor.redact)))
     assert compiled.RULE_NAMES == pure.RULE_NAMES
     assert set(compiled.__all__) == set(pure.__all__)
 

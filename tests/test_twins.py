@@ -92,7 +92,8 @@ def test_twin_fixture_runs_the_package_on_its_twin(twin):
     assert supervise.run_supervised is impl.run_supervised
     # A name imported from a selector at import time follows too.
     assert heidi.stages.run_supervised is impl.run_supervised
-    assert chain.verify_stream is importlib.import_module(f"heidi._fast._chain_{twin}").verify_stream
+    chain_twin = importlib.import_module(f"heidi._fast._chain_{twin}")
+    assert chain.verify_stream is chain_twin.verify_stream
     assert redact.Redactor is importlib.import_module(f"heidi._fast._redact_{twin}").Redactor
     out = subprocess.run([sys.executable, "-m", "heidi", "version", "--json"], env=clean_env(),
                          capture_output=True, text=True, timeout=60)
