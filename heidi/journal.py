@@ -10,6 +10,8 @@ import math
 import os
 from typing import Any, Callable, Iterable, Mapping
 
+import orjson  # noqa: F401 - main's events pager (read_events_page) in this module uses it
+
 from ._fast import atomic as _atomic
 from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
