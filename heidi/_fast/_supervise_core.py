@@ -301,9 +301,7 @@ class Stage:
                 try:
                     pid = spawn(path, self.argv, self.env, self.cwd, out_w)
                 except OSError as exc:
-                    # ENOSYS: this spawn cannot do it here (no posix_spawn chdir in this C
-                    # library; signals to reset that Popen cannot): the fork path can.
-                    if exc.errno == _errno.ENOSYS:
+                    if exc.errno == _errno.ENOSYS:  # no posix_spawn chdir in this C library
                         pid, self.error = _fork_exec(path, self.argv, self.env, self.cwd, out_w,
                                                      [])
                     else:
