@@ -253,9 +253,8 @@ def cmd_redact(args: argparse.Namespace) -> int:
 def cmd_version(args: argparse.Namespace) -> int:
     from ._fast import implementations, no_extensions
     info = {"version": __version__, "python": sys.version.split()[0],
-            "frozen": bool(getattr(sys, "frozen", False))}
+            "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}
     if args.verbose or args.json:
-        info["no_extensions"] = no_extensions()
         info["modules"] = implementations()
     if args.json:
         _print_json(info)
