@@ -242,8 +242,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_redact(args: argparse.Namespace) -> int:
-    from ._fast.redact import default_redactor
-    redactor = default_redactor()
+    from ._fast.redact import default_redactor, redact_lines
+    redact = default_redactor().redact
     if args.file is None or args.file == "-":
         src = sys.stdin
     else:
@@ -253,7 +253,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
             raise _UsageExit(f"heidi redact: {args.file}: {exc.strerror}") from None
     out = sys.stdout
     try:
-        for line in redactor.redact_lines(src):
+        for line in redact_lines(src, redact):
             out.write(line)
         out.flush()
     finally:
@@ -263,9 +263,9 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
-    from ._fast import implementations
+    from ._fast import implementations, no_extensions
     info = {"version": __version__, "python": sys.version.split()[0],
-            "frozen": bool(getattr(sys, "frozen", False))}
+            "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}
     if args.verbose or args.json:
         from ._fast.supervise import containment
         info["modules"] = implementations()
@@ -276,6 +276,8 @@ def cmd_version(args: argparse.Namespace) -> int:
     print(f"heidi {__version__}")
     if args.verbose:
         print(f"python {info['python']}{' (frozen)' if info['frozen'] else ''}")
+        if info["no_extensions"]:
+            print("HEIDI_NO_EXTENSIONS is set: the pure-Python twins are used")
         for name, kind in info["modules"].items():
             print(f"heidi._fast.{name}: {kind}")
         print(f"containment: {info['containment']}")

@@ -10,7 +10,7 @@ import math
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-import orjson
+import orjson  # noqa: F401 - main's events pager (read_events_page) in this module uses it
 
 from ._fast import atomic as _atomic
 from ._fast import chain as _chain
@@ -33,6 +33,8 @@ def _truncate(text: str, limit: int) -> str:
 
 def _clean_str(text: str) -> str:
     # Lone surrogates (from undecodable file names, say) are not UTF-8: replace them.
+    if text.isascii():
+        return text  # the common case, told without encoding a copy
     try:
         text.encode("utf-8")
         return text
@@ -184,14 +186,11 @@ class JournalWriter:
         round_ = self.round if round is None else round
         counters = _numbers("counters_delta", counters_delta)
         usage = _numbers("usage_delta", usage_delta)
-        # The event exactly as written (redacted, truncated), kept for callers that fold it.
-        # Encoded as chain.encode_event does (the same dict through orjson), built only once.
-        event = {
-            "event_version": _chain.EVENT_VERSION, "ts": ts, "run_id": self.run_id,
-            "round": round_, "stage": stage, "level": level, "event_type": event_type,
-            "message": message, "counters_delta": counters, "usage_delta": usage,
-            "artifact_paths": paths, "error": error, "prev_hash": self.prev_hash}
-        line = orjson.dumps(event) + b"\n"
+        # The event exactly as written (redacted, truncated), kept for callers that fold it;
+        # encoded by chain.event_line, the one encoder of journal lines (encode_event's too).
+        event = _chain.new_event(ts, self.run_id, round_, stage, level, event_type, message,
+                                 counters, usage, paths, error, self.prev_hash)
+        line = _chain.event_line(event)
         self.last_event = event
         if self.batch:
             self._pending.append(line)

@@ -1,30 +1,22 @@
 """Where a stage's output goes: redacted line by line into its log file and a bounded tail.
 
 `StageLog(path, redact).write` is the on_output callback of `heidi._fast.supervise`; memory stays
-bounded however much a stage prints, and nothing reaches the file before it is redacted.
+bounded however much a stage prints, and nothing reaches the file before it is redacted (line by
+line, private-key blocks that span lines hidden as `heidi redact` hides them: LineRedactor).
 """
 from __future__ import annotations
 
 import collections
 import os
-import re
 from collections.abc import Callable
+
+from ._fast.redact import LineRedactor
 
 __all__ = ("StageLog", "MAX_LINE_BYTES")
 
 # A "line" longer than this (a progress bar redrawn with \r, a binary dump) is flushed as is,
 # without a newline added, so that memory stays bounded.
 MAX_LINE_BYTES = 64 * 1024
-
-# Redaction is per line, so a private key block spanning lines needs state here: its BEGIN line
-# would be redacted but the base64 lines after it, on their own, look like nothing. The patterns
-# follow heidi/_fast/_redact_rules.py.
-_PEM_BEGIN = re.compile(r"-----BEGIN[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
-_PEM_END = re.compile(r"-----END[ A-Z0-9]{0,40}PRIVATE KEY(?: BLOCK)?-----")
-# What may sit inside a PEM block: base64, blank lines, RFC 1421 headers (Proc-Type: ...).
-_PEM_BODY = re.compile(r"[A-Za-z0-9+/=]*|[A-Za-z-]+: ?.*")
-PRIVATE_KEY_PLACEHOLDER = "[PRIVATE_KEY]"
-
 
 def _utf8_cut(data: bytes | bytearray, limit: int) -> int:
     """Largest cut <= limit that does not split a UTF-8 sequence (if data is UTF-8 at all)."""
@@ -69,12 +61,11 @@ class StageLog:
 
     def __init__(self, path: str | None, redact: Callable[[str], str],
                  tail_bytes: int = 64 * 1024) -> None:
-        self._redact = redact
+        self._show = LineRedactor(redact).line  # a line as it may be shown, or None
         self._partial = bytearray()
         self._tail: collections.deque[str] = collections.deque()
         self._tail_chars = 0
         self._tail_max = max(0, int(tail_bytes))
-        self._in_key = False
         self._closed = False
         self._fd = -1
         self.path = path
@@ -100,8 +91,11 @@ class StageLog:
         lines = data.split(b"\n")
         rest = lines.pop()
         out: list[str] = []
-        for line in lines:
-            self._line(line, "\n", out)
+        show = self._show
+        for line in lines:  # (self._line inlined: this loop runs for every line a stage prints)
+            shown = show(line.decode("utf-8", "replace") + "\n")
+            if shown is not None:
+                out.append(shown)
         while len(rest) > MAX_LINE_BYTES:
             cut = _utf8_cut(rest, MAX_LINE_BYTES)
             self._line(rest[:cut], "", out)
@@ -143,36 +137,9 @@ class StageLog:
     # -- internals
 
     def _line(self, raw: bytes, end: str, out: list[str]) -> None:
-        text = raw.decode("utf-8", "replace")
-        if self._in_key:
-            match = _PEM_END.search(text)
-            if match is not None:
-                self._in_key = False
-                text = text[match.end():]
-                if not text.strip():
-                    return
-            elif _PEM_BODY.fullmatch(text.strip()):
-                return  # key material: dropped, the BEGIN line already says [PRIVATE_KEY]
-            else:
-                self._in_key = False  # not a key body after all: an ordinary line
-        if "PRIVATE KEY" in text:
-            text = self._cut_keys(text)
-        out.append(self._redact(text) + end)
-
-    def _cut_keys(self, text: str) -> str:
-        pieces = []
-        while True:
-            begin = _PEM_BEGIN.search(text)
-            if begin is None:
-                pieces.append(text)
-                break
-            pieces.append(text[:begin.start()] + PRIVATE_KEY_PLACEHOLDER)
-            end = _PEM_END.search(text, begin.end())
-            if end is None:
-                self._in_key = True  # the block goes on over the next lines
-                break
-            text = text[end.end():]
-        return "".join(pieces)
+        shown = self._show(raw.decode("utf-8", "replace") + end)
+        if shown is not None:
+            out.append(shown)
 
     def _emit(self, out: list[str]) -> None:
         if self._fd >= 0:

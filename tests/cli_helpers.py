@@ -13,8 +13,10 @@ _CWD: list[str] = []
 
 
 def clean_env(**extra: str) -> dict:
-    """os.environ without heidi's settings, with this checkout importable, plus extra."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HEIDI_", "RUN_", "OUT_DIR"))}
+    """os.environ without heidi's settings (HEIDI_NO_EXTENSIONS, which picks the twins, is kept),
+    with this checkout importable, plus extra."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("HEIDI_", "RUN_", "OUT_DIR")) or k == "HEIDI_NO_EXTENSIONS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

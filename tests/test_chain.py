@@ -162,6 +162,46 @@ def test_check_line_accepts_every_level_and_numbers(fast_impl):
         assert mod.check_line(line, None)["level"] == level
 
 
+def test_limits_are_the_ones_chain_types_states(fast_impl):
+    # Each limit is one statement in _chain_types; the compiled twin reads it at import. A value
+    # at the limit passes, one over is refused with a reason naming the limit, on both twins.
+    from heidi._fast import _chain_types as t
+    mod = fast_impl("chain")
+    cases = (("message", t.MAX_MESSAGE_CHARS, lambda n: "m" * n),
+             ("error", t.MAX_ERROR_CHARS, lambda n: "e" * n),
+             ("artifact_paths", t.MAX_ARTIFACT_CHARS, lambda n: ["p" * n]),
+             ("run_id", t.MAX_RUN_ID_CHARS, lambda n: "r" * n),
+             ("stage", t.MAX_NAME_CHARS, lambda n: "s" * n),
+             ("event_type", t.MAX_NAME_CHARS, lambda n: "t" * n))
+    for key, limit, value in cases:
+        def event(n):
+            fields = {key: value(n)}
+            if key == "run_id":
+                fields["prev_hash"] = fields["run_id"]
+            return _event(**fields)
+        assert mod.check_event(event(limit), None, None) is None, key
+        reason = mod.check_event(event(limit + 1), None, None)
+        assert reason is not None and f"{limit} characters" in reason, (key, reason)
+    assert mod.check_event(_event(event_version="0.9"), None, None) == (
+        f"event_version '0.9', expected {t.EVENT_VERSION!r}")
+    extra = dict(_event(), extra=1)
+    assert mod.check_event(extra, None, None) == "unknown key 'extra'"
+    assert mod.KEYS == t.KEYS and mod.MAX_LINE_BYTES == t.MAX_LINE_BYTES
+    too_long = b"x" * t.MAX_LINE_BYTES + b"\n"
+    assert mod.parse_line(too_long) == (None, f"line longer than {t.MAX_LINE_BYTES} bytes")
+    assert mod.parse_line(_raw(_event()))[1] is None
+
+
+def test_one_encoder_writes_every_line(fast_impl):
+    # encode_event and JournalWriter.emit both go through _chain_types.event_line.
+    from heidi._fast import _chain_types as t
+    mod = fast_impl("chain")
+    assert mod.encode_event is t.encode_event and mod.event_line is t.event_line
+    assert mod.new_event(TS, RUN, 1, "pipeline", "info", "pipeline_start",
+                         "Starting training pipeline (C++)", {}, {}, [], None,
+                         RUN) == orjson.loads(VECTOR_LINE_1)
+
+
 def test_verify_stream_counts_and_returns_head(fast_impl):
     mod = fast_impl("chain")
     lines = _journal(10, mod)

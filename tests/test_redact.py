@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from heidi._fast import _redact_rules
+from heidi._fast.redact import KEY_BLOCK_MAX_CHARS, redact_lines
+from heidi.stagelog import StageLog
 
 ROOT = Path(__file__).resolve().parent.parent
 CLEAN_CORPUS = (Path(__file__).parent / "data" / "redact_clean.txt").read_text(encoding="utf-8")
@@ -339,14 +341,55 @@ def test_redact_lines_replaces_a_multi_line_pem_block_once(fast_impl):
     redactor = fast_impl("redact").Redactor(env={})
     github = "ghp_" + _fake(36)
     lines = ["starting stage\n", f"token {github}\n"] + _pem_lines() + ["done\n"]
-    assert list(redactor.redact_lines(lines)) == [
+    assert list(redact_lines(lines, redactor.redact)) == [
         "starting stage\n", "token [GITHUB_TOKEN]\n", "[PRIVATE_KEY]\n", "done\n"]
 
 
 def test_redact_lines_cut_off_block_suppresses_to_the_end(fast_impl):
     redactor = fast_impl("redact").Redactor(env={})
     lines = ["a\n", "key: -----BEGIN RSA PRIVATE KEY-----\r\n"] + [p + "\r\n" for p in _PEM_BODY]
-    assert list(redactor.redact_lines(lines)) == ["a\n", "key: [PRIVATE_KEY]\r\n"]
+    assert list(redact_lines(lines, redactor.redact)) == ["a\n", "key: [PRIVATE_KEY]\r\n"]
+
+
+def _through_stagelog(lines: list[str], redact) -> list[str]:
+    """What a stage log keeps of these lines (written in odd-sized chunks)."""
+    log = StageLog(None, redact, tail_bytes=1 << 30)
+    data = "".join(lines).encode()
+    for i in range(0, len(data), 4093):
+        log.write(data[i:i + 4093])
+    log.close()
+    return log.tail(1 << 30).splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("path", ["redact_lines", "stagelog"])
+def test_an_open_key_block_hides_every_line_until_its_end(fast_impl, path):
+    # Output interleaved with a key (a progress line, a warning) is hidden too: key lines after
+    # it must not leak. One rule for `heidi redact` and for stage logs.
+    redactor = fast_impl("redact").Redactor(env={})
+    body = [p + "\n" for p in _PEM_BODY]
+    lines = (["start\n", "-----BEGIN RSA PRIVATE KEY-----\n"] + body[:2]
+             + ["epoch 1 loss=0.5 (interleaved)\n"] + body[2:]
+             + ["-----END RSA PRIVATE KEY----- after\n", "done\n"])
+    run = (lambda ls: list(redact_lines(ls, redactor.redact))) if path == "redact_lines" else (
+        lambda ls: _through_stagelog(ls, redactor.redact))
+    assert run(lines) == ["start\n", "[PRIVATE_KEY]\n", " after\n", "done\n"]
+
+
+@pytest.mark.parametrize("path", ["redact_lines", "stagelog"])
+def test_a_key_block_never_closed_hides_a_bounded_amount(fast_impl, path):
+    # No END line: lines stay hidden until KEY_BLOCK_MAX_CHARS characters were hidden, then the
+    # rest of the stream shows again (a cut-off key must not swallow the rest of a log).
+    redactor = fast_impl("redact").Redactor(env={})
+    body_line = "A" * 63 + "\n"
+    hidden = [body_line] * (KEY_BLOCK_MAX_CHARS // len(body_line))
+    later = [f"step {i} password=hunter2-{i}\n" for i in range(3)]
+    lines = ["x -----BEGIN OPENSSH PRIVATE KEY-----\n"] + hidden + later
+    run = (lambda ls: list(redact_lines(ls, redactor.redact))) if path == "redact_lines" else (
+        lambda ls: _through_stagelog(ls, redactor.redact))
+    assert run(lines) == ["x [PRIVATE_KEY]\n"] + [
+        f"step {i} password=[SECRET]\n" for i in range(3)]
+    # Within the bound, it is all hidden.
+    assert run(lines[:-3]) == ["x [PRIVATE_KEY]\n"]
 
 
 def test_redact_lines_keeps_text_after_end_and_catches_the_next_block(fast_impl):
@@ -354,7 +397,7 @@ def test_redact_lines_keeps_text_after_end_and_catches_the_next_block(fast_impl)
     lines = (["x " + _pem_lines("EC")[0]] + _pem_lines("EC")[1:-1]
              + ["-----END EC PRIVATE KEY----- then password=" + "s3cr3t-value\n"]
              + _pem_lines() + ["", "tail"])
-    assert list(redactor.redact_lines(lines)) == [
+    assert list(redact_lines(lines, redactor.redact)) == [
         "x [PRIVATE_KEY]\n", " then password=[SECRET]\n", "[PRIVATE_KEY]\n", "", "tail"]
 
 
@@ -367,7 +410,7 @@ def test_redact_lines_streams_lazily(fast_impl):
             consumed.append(line)
             yield line
 
-    stream = redactor.redact_lines(source())
+    stream = redact_lines(source(), redactor.redact)
     assert next(stream) == "one\n"
     assert consumed == ["one\n"]
 
@@ -375,7 +418,8 @@ def test_redact_lines_streams_lazily(fast_impl):
 def test_redact_lines_one_line_pem_needs_no_state(fast_impl):
     redactor = fast_impl("redact").Redactor(env={})
     one_line = "k=-----BEGIN PRIVATE KEY-----\\nAAAA\\n-----END PRIVATE KEY-----\\n\n"
-    assert list(redactor.redact_lines([one_line, "next\n"])) == ["k=[PRIVATE_KEY]\\n\n", "next\n"]
+    assert list(redact_lines([one_line, "next\n"], redactor.redact)) == [
+        "k=[PRIVATE_KEY]\\n\n", "next\n"]
 
 
 # ---- the twins agree -----------------------------------------------------------------------------
@@ -405,7 +449,8 @@ def test_compiled_and_pure_twins_give_identical_output():
     for text in texts + [whole, whole.replace("\n", "\r\n"), ""]:
         assert c_redactor.redact(text) == py_redactor.redact(text)
     lines = whole.splitlines(keepends=True) + [line for text in texts for line in _pem_lines()]
-    assert list(c_redactor.redact_lines(lines)) == list(py_redactor.redact_lines(lines))
+    assert (list(redact_lines(lines, c_redactor.redact))
+            == list(redact_lines(lines, py_redactor.redact)))
     assert compiled.RULE_NAMES == pure.RULE_NAMES
     assert set(compiled.__all__) == set(pure.__all__)
 

@@ -274,6 +274,54 @@ def test_rusage_of_the_stage(fast_impl):
     assert r.cpu_user_s + r.cpu_sys_s >= 0.1
 
 
+# Signals a program can set. glibc's posix_spawn leaves its two internal signals (32, 33: thread
+# cancellation, setxid) ignored in the child; glibc itself refuses them to any program.
+_SETTABLE = sum(1 << (sig - 1) for sig in _supervise_watchdog.SIGNALS_TO_DEFAULT)
+
+
+def _signal_sets(status: bytes) -> dict[str, int]:
+    """SigIgn and SigBlk of a /proc/PID/status, as bit masks of settable signals."""
+    fields = {}
+    for line in status.decode().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("SigIgn", "SigBlk"):
+            fields[key] = int(value, 16) & _SETTABLE
+    return fields
+
+
+@pytest.mark.parametrize("where", ["main thread", "other thread"])
+def test_a_stage_starts_with_every_signal_at_its_default(fast_impl, tmp_path, where):
+    # heidi under nohup (SIGHUP ignored), started with `&` from a script (SIGINT ignored), a
+    # signal blocked in the supervising thread: the stage inherits none of it, with either twin,
+    # with a working directory (as stages.py always gives) or without.
+    mod = fast_impl("supervise")
+    seen = {}
+
+    def supervise():
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+        try:
+            for cwd in (str(tmp_path), None):
+                out = Collect()
+                r = mod.run_supervised(["cat", "/proc/self/status"], cwd=cwd, env=_env(),
+                                       on_output=out, timeout_s=60)
+                seen[cwd] = (r.exit_code, _signal_sets(out.data))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGHUP, signal.SIGINT)}
+    try:
+        if where == "main thread":
+            supervise()
+        else:
+            thread = threading.Thread(target=supervise)
+            thread.start()
+            thread.join(120)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    assert seen == {cwd: (0, {"SigIgn": 0, "SigBlk": 0}) for cwd in (str(tmp_path), None)}
+
+
 # ---- cannot start ------------------------------------------------------------------------------
 
 def test_missing_executable_is_a_result_not_an_exception(fast_impl):

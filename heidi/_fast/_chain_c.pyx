@@ -10,7 +10,9 @@ import orjson
 
 from heidi._fast._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS,
                                       MAX_ERROR_CHARS, MAX_LINE_BYTES, MAX_MESSAGE_CHARS,
-                                      JournalError, nan_literal)
+                                      MAX_NAME_CHARS, MAX_RUN_ID_CHARS, READ_CHUNK_BYTES,
+                                      JournalError, encode_event, event_line, nan_literal,
+                                      new_event)
 
 from libc.string cimport memchr
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
@@ -18,12 +20,35 @@ from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.object cimport PyObject
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
-           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
-           "check_event", "parse_line", "check_line", "verify_stream"]
+           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
+           "JournalError", "line_hash", "new_event", "event_line", "encode_event", "check_event",
+           "parse_line", "check_line", "verify_stream"]
 HIDDEN_IMPORTS = ("hashlib", "orjson", "heidi._fast._chain_types")
 
-DEF READ_CHUNK_BYTES = 1 << 20
-DEF C_MAX_LINE = 1 << 20
+# The schema's limits are _chain_types' (one statement each), read into C variables at import.
+cdef Py_ssize_t _READ_CHUNK = READ_CHUNK_BYTES
+cdef Py_ssize_t C_MAX_LINE = MAX_LINE_BYTES
+cdef Py_ssize_t _MAX_MESSAGE = MAX_MESSAGE_CHARS
+cdef Py_ssize_t _MAX_ERROR = MAX_ERROR_CHARS
+cdef Py_ssize_t _MAX_ARTIFACT = MAX_ARTIFACT_CHARS
+cdef Py_ssize_t _MAX_RUN_ID = MAX_RUN_ID_CHARS
+cdef Py_ssize_t _MAX_NAME = MAX_NAME_CHARS
+cdef str _EVENT_VERSION = EVENT_VERSION
+cdef Py_ssize_t _N_KEYS = len(KEYS)
+cdef enum:
+    _KEYS_CAPACITY = 16  # room in _check_event's values array
+if _N_KEYS > _KEYS_CAPACITY:
+    raise ImportError(f"_chain_c holds at most {_KEYS_CAPACITY} keys, the schema has {_N_KEYS}")
+# Reasons naming a limit, formatted once.
+cdef str _BAD_VERSION = f"expected {EVENT_VERSION!r}"
+cdef str _BAD_RUN_ID = f"run_id is not 1-{MAX_RUN_ID_CHARS} characters of [A-Za-z0-9._-]"
+cdef str _BAD_STAGE = f"stage is not a name of 1-{MAX_NAME_CHARS} characters [A-Za-z0-9_.-]"
+cdef str _BAD_EVENT_TYPE = (f"event_type is not a name of 1-{MAX_NAME_CHARS} characters "
+                            "[A-Za-z0-9_.-]")
+cdef str _BAD_MESSAGE = f"message is not a string of at most {MAX_MESSAGE_CHARS} characters"
+cdef str _BAD_ARTIFACT = ("artifact_paths has an entry that is not a string of at most "
+                          f"{MAX_ARTIFACT_CHARS} characters")
+cdef str _BAD_ERROR = f"error is not null or a string of at most {MAX_ERROR_CHARS} characters"
 
 cdef tuple _KEYS = KEYS
 cdef object _LEVELS = LEVELS
@@ -95,17 +120,6 @@ def line_hash(bytes line):
     return _sha256(line).hexdigest()
 
 
-def encode_event(str ts, str run_id, round_, str stage, str level, str event_type, str message,
-                 dict counters_delta, dict usage_delta, list artifact_paths, error, str prev_hash):
-    """The exact bytes of one journal line (compact JSON, UTF-8, trailing newline)."""
-    return _dumps({
-        "event_version": "1.0", "ts": ts, "run_id": run_id, "round": round_,
-        "stage": stage, "level": level, "event_type": event_type, "message": message,
-        "counters_delta": counters_delta, "usage_delta": usage_delta,
-        "artifact_paths": artifact_paths, "error": error, "prev_hash": prev_hash,
-    }) + b"\n"
-
-
 cdef inline bint _is_number(object value):
     return type(value) is int or type(value) is float
 
@@ -137,12 +151,12 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
     cdef dict d
     cdef PyObject *k
     cdef PyObject *v
-    cdef PyObject *values[13]
+    cdef PyObject *values[_KEYS_CAPACITY]
     cdef Py_ssize_t pos = 0, i = 0
     if type(obj) is not dict:
         return "not a JSON object"
     d = <dict>obj
-    if PyDict_Size(d) != 13:
+    if PyDict_Size(d) != _N_KEYS:
         return _key_problem(d)
     # One walk over the dict: its keys must be KEYS in order, and then its values come in the
     # schema's order too (no lookups by key).
@@ -152,30 +166,30 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
             return _key_problem(d)
         values[i] = v
         i += 1
-    if <object>values[0] != "1.0":
-        return f"event_version {<object>values[0]!r}, expected '1.0'"
+    if <object>values[0] != _EVENT_VERSION:
+        return f"event_version {<object>values[0]!r}, {_BAD_VERSION}"
     ts = <object>values[1]
     if type(ts) is not str or not _ts_ok(<str>ts):
         return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
     rid = <object>values[2]
-    if type(rid) is not str or not _name_ok(<str>rid, 128):
-        return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
+    if type(rid) is not str or not _name_ok(<str>rid, _MAX_RUN_ID):
+        return _BAD_RUN_ID
     if run_id is not None and rid != run_id:
         return f"run_id {rid!r} differs from the journal's run {run_id!r}"
     rnd = <object>values[3]
     if type(rnd) is not int or rnd < 0:
         return "round is not a non-negative integer"
     value = <object>values[4]
-    if type(value) is not str or not _name_ok(<str>value, 64):
-        return "stage is not a name of 1-64 characters [A-Za-z0-9_.-]"
+    if type(value) is not str or not _name_ok(<str>value, _MAX_NAME):
+        return _BAD_STAGE
     value = <object>values[6]
-    if type(value) is not str or not _name_ok(<str>value, 64):
-        return "event_type is not a name of 1-64 characters [A-Za-z0-9_.-]"
+    if type(value) is not str or not _name_ok(<str>value, _MAX_NAME):
+        return _BAD_EVENT_TYPE
     if <object>values[5] not in _LEVELS:
         return "level is not one of info, warn, error, success, critical"
     msg = <object>values[7]
-    if type(msg) is not str or len(<str>msg) > 500:
-        return "message is not a string of at most 500 characters"
+    if type(msg) is not str or len(<str>msg) > _MAX_MESSAGE:
+        return _BAD_MESSAGE
     problem = _delta_problem(<object>values[8], "counters_delta")
     if problem is None:
         problem = _delta_problem(<object>values[9], "usage_delta")
@@ -185,11 +199,11 @@ cdef str _check_event(object obj, str expected_prev, str run_id):
     if type(paths) is not list:
         return "artifact_paths is not an array"
     for path in <list>paths:
-        if type(path) is not str or len(<str>path) > 100:
-            return "artifact_paths has an entry that is not a string of at most 100 characters"
+        if type(path) is not str or len(<str>path) > _MAX_ARTIFACT:
+            return _BAD_ARTIFACT
     err = <object>values[11]
-    if err is not None and (type(err) is not str or len(<str>err) > 200):
-        return "error is not null or a string of at most 200 characters"
+    if err is not None and (type(err) is not str or len(<str>err) > _MAX_ERROR):
+        return _BAD_ERROR
     prev = <object>values[12]
     if type(prev) is not str:
         return "prev_hash is not a string"
@@ -259,7 +273,7 @@ def verify_stream(stream, Py_ssize_t line_no=0, prev_hash=None, run_id=None):
     cdef const char *nl
     cdef Py_ssize_t size, start
     while True:
-        chunk = stream.read(READ_CHUNK_BYTES)
+        chunk = stream.read(_READ_CHUNK)
         if not chunk:
             break
         buf = buf + chunk if buf else bytes(chunk)

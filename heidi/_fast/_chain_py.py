@@ -11,34 +11,25 @@ from typing import BinaryIO
 import orjson
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
-           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "JournalError", "line_hash", "encode_event",
-           "check_event", "parse_line", "check_line", "verify_stream"]
+           "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
+           "JournalError", "line_hash", "new_event", "event_line", "encode_event", "check_event",
+           "parse_line", "check_line", "verify_stream"]
 
+# Limits and the line encoder are _chain_types', shared with the compiled twin.
 from ._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS, MAX_ERROR_CHARS,
-                           MAX_LINE_BYTES, MAX_MESSAGE_CHARS, READ_CHUNK_BYTES, JournalError,
-                           nan_literal)
+                           MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_NAME_CHARS, MAX_RUN_ID_CHARS,
+                           READ_CHUNK_BYTES, JournalError, encode_event, event_line, nan_literal,
+                           new_event)
 
 _TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z\Z")
-_RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_RUN_ID_RE = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_RUN_ID_CHARS}}}\Z")
 _HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
-_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_NAME_RE = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME_CHARS}}}\Z")
 
 
 def line_hash(line: bytes) -> str:
     """Lowercase hex SHA-256 of a whole journal line, its newline included."""
     return hashlib.sha256(line).hexdigest()
-
-
-def encode_event(ts: str, run_id: str, round_: int, stage: str, level: str, event_type: str,
-                 message: str, counters_delta: dict, usage_delta: dict, artifact_paths: list,
-                 error: str | None, prev_hash: str) -> bytes:
-    """The exact bytes of one journal line (compact JSON, UTF-8, trailing newline)."""
-    return orjson.dumps({
-        "event_version": EVENT_VERSION, "ts": ts, "run_id": run_id, "round": round_,
-        "stage": stage, "level": level, "event_type": event_type, "message": message,
-        "counters_delta": counters_delta, "usage_delta": usage_delta,
-        "artifact_paths": artifact_paths, "error": error, "prev_hash": prev_hash,
-    }) + b"\n"
 
 
 def _is_number(value: object) -> bool:
@@ -63,13 +54,13 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
                 return f"missing key {key!r}"
         return "keys out of order"
     if obj["event_version"] != EVENT_VERSION:
-        return f"event_version {obj['event_version']!r}, expected '1.0'"
+        return f"event_version {obj['event_version']!r}, expected {EVENT_VERSION!r}"
     ts = obj["ts"]
     if type(ts) is not str or not _TS_RE.match(ts):
         return "ts is not a UTC timestamp like 2026-02-20T07:45:38.307Z"
     rid = obj["run_id"]
     if type(rid) is not str or not _RUN_ID_RE.match(rid):
-        return "run_id is not 1-128 characters of [A-Za-z0-9._-]"
+        return f"run_id is not 1-{MAX_RUN_ID_CHARS} characters of [A-Za-z0-9._-]"
     if run_id is not None and rid != run_id:
         return f"run_id {rid!r} differs from the journal's run {run_id!r}"
     rnd = obj["round"]
@@ -78,7 +69,7 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
     for key in ("stage", "event_type"):
         value = obj[key]
         if type(value) is not str or not _NAME_RE.match(value):
-            return f"{key} is not a name of 1-64 characters [A-Za-z0-9_.-]"
+            return f"{key} is not a name of 1-{MAX_NAME_CHARS} characters [A-Za-z0-9_.-]"
     if obj["level"] not in LEVELS:
         return "level is not one of info, warn, error, success, critical"
     msg = obj["message"]

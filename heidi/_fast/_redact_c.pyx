@@ -230,16 +230,7 @@ cdef object _redact_rules_text(object text):
 
 
 _ANSI = re.compile(_rules.ANSI_PATTERN)
-_PEM_BEGIN = re.compile(_rules.PEM_BEGIN_PATTERN)
-_PEM_END = re.compile(_rules.PEM_END_PATTERN)
 cdef str _ENV_PLACEHOLDER = _rules.ENV_PLACEHOLDER
-cdef str _PRIVATE_KEY_PLACEHOLDER = _rules.PRIVATE_KEY_PLACEHOLDER
-
-
-cdef str _line_ending(object line):
-    if line.endswith("\r\n"):
-        return "\r\n"
-    return "\n" if line.endswith("\n") else ""
 
 
 cdef class Redactor:
@@ -264,38 +255,6 @@ cdef class Redactor:
             if value in text:
                 text = text.replace(value, _ENV_PLACEHOLDER)
         return _redact_rules_text(text)
-
-    def redact_lines(self, lines):
-        """Redact a stream of lines, hiding private-key blocks that span lines.
-
-        A line that opens a `-----BEGIN ... PRIVATE KEY-----` block without closing it comes out
-        as what preceded BEGIN + "[PRIVATE_KEY]" + its line ending; the body lines and the END line
-        emit nothing (text after END on that line is emitted, redacted). A block never closed
-        suppresses everything to the end of the stream.
-        """
-        in_block = False
-        for line in lines:
-            if "\x1b" in line:
-                line = _ANSI.sub("", line)
-            if in_block:
-                end = _PEM_END.search(line)
-                if end is None:
-                    continue
-                in_block = False
-                line = line[end.end():]
-                if not line.strip():
-                    continue
-            begin = None
-            if "-----BEGIN" in line:
-                # The last BEGIN decides: one closed earlier on the line is redact()'s business.
-                for begin in _PEM_BEGIN.finditer(line):
-                    pass
-            if begin is not None and _PEM_END.search(line, begin.end()) is None:
-                in_block = True
-                yield (self.redact(line[:begin.start()]) + _PRIVATE_KEY_PLACEHOLDER
-                       + _line_ending(line))
-            else:
-                yield self.redact(line)
 
 
 _default = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 
 from heidi._fast import _redact_rules as _rules
 
@@ -37,8 +37,6 @@ def _compile(rule: tuple[str, str, tuple[str, ...], str, int]
 
 _COMPILED = tuple(_compile(rule) for rule in _rules.RULES)
 _ANSI = re.compile(_rules.ANSI_PATTERN)
-_PEM_BEGIN = re.compile(_rules.PEM_BEGIN_PATTERN)
-_PEM_END = re.compile(_rules.PEM_END_PATTERN)
 
 
 def _any_keyword(gates: tuple[tuple[str, tuple[str, ...]], ...], lowered: str) -> bool:
@@ -48,12 +46,6 @@ def _any_keyword(gates: tuple[tuple[str, tuple[str, ...]], ...], lowered: str) -
                 if keyword in lowered:
                     return True
     return False
-
-
-def _line_ending(line: str) -> str:
-    if line.endswith("\r\n"):
-        return "\r\n"
-    return "\n" if line.endswith("\n") else ""
 
 
 class Redactor:
@@ -85,38 +77,6 @@ class Redactor:
                 text = new_text
                 lowered = text.lower()
         return text
-
-    def redact_lines(self, lines: Iterable[str]) -> Iterator[str]:
-        """Redact a stream of lines, hiding private-key blocks that span lines.
-
-        A line that opens a `-----BEGIN ... PRIVATE KEY-----` block without closing it comes out
-        as what preceded BEGIN + "[PRIVATE_KEY]" + its line ending; the body lines and the END line
-        emit nothing (text after END on that line is emitted, redacted). A block never closed
-        suppresses everything to the end of the stream.
-        """
-        in_block = False
-        for line in lines:
-            if "\x1b" in line:
-                line = _ANSI.sub("", line)
-            if in_block:
-                end = _PEM_END.search(line)
-                if end is None:
-                    continue
-                in_block = False
-                line = line[end.end():]
-                if not line.strip():
-                    continue
-            begin = None
-            if "-----BEGIN" in line:
-                # The last BEGIN decides: one closed earlier on the line is redact()'s business.
-                for begin in _PEM_BEGIN.finditer(line):
-                    pass
-            if begin is not None and _PEM_END.search(line, begin.end()) is None:
-                in_block = True
-                yield (self.redact(line[:begin.start()]) + _rules.PRIVATE_KEY_PLACEHOLDER
-                       + _line_ending(line))
-            else:
-                yield self.redact(line)
 
 
 _default: Redactor | None = None

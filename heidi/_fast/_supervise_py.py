@@ -5,15 +5,19 @@ subprocess and waits with select.poll.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import select
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
 from . import _supervise_core as _core
 from ._supervise_types import StageResult
+from ._supervise_watchdog import SIGNALS_TO_DEFAULT
 
 __all__ = ("StageResult", "run_supervised", "COMPILED")
 
@@ -25,7 +29,41 @@ READ_SIZE = 1 << 20
 MAX_WAIT_MS = 1000
 
 
+# A stage starts with every signal at its default and none blocked, as with the compiled twin
+# (posix_spawn's SETSIGDEF + SETSIGMASK). Popen(restore_signals=True) resets only these (CPython
+# ignores them itself); other ignored signals (SIGHUP under nohup, SIGINT for `cmd &` in a
+# script) and the calling thread's mask would pass to the stage as they are.
+_ALL = sum(1 << (sig - 1) for sig in SIGNALS_TO_DEFAULT)
+_RESET_BY_POPEN = sum(1 << (sig - 1) for sig in (signal.SIGPIPE, signal.SIGXFSZ))
+
+
+def _popen_gives_default_signals() -> bool:
+    """True when nothing is ignored but what Popen resets, and this thread blocks nothing
+    (SigIgn is the process's, SigBlk this thread's)."""
+    try:
+        fd = os.open(f"/proc/self/task/{threading.get_native_id()}/status",
+                     os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            status = os.read(fd, 16384)
+        finally:
+            os.close(fd)
+        blocked = _field(status, b"\nSigBlk:")
+        ignored = _field(status, b"\nSigIgn:")
+    except (OSError, ValueError):
+        return False
+    return blocked & _ALL == 0 and ignored & _ALL & ~_RESET_BY_POPEN == 0
+
+
+def _field(status: bytes, name: bytes) -> int:
+    start = status.index(name) + len(name)
+    return int(status[start:status.index(b"\n", start)], 16)
+
+
 def _spawn(path: bytes, argv: list, env: dict, cwd: bytes | None, out_w: int) -> int:
+    if not _popen_gives_default_signals():
+        # ENOSYS: Stage.start then takes the fork path, which resets every disposition and the
+        # mask in the child (slower, and only when heidi itself runs with signals ignored).
+        raise OSError(errno.ENOSYS, "Popen cannot reset signal dispositions")
     # subprocess gives what os.posix_spawn cannot: a working directory, and every fd above 2
     # closed (close_fds) -- in the child, without forking this process's memory (vfork).
     proc = subprocess.Popen(argv, executable=path, stdin=subprocess.DEVNULL, stdout=out_w,

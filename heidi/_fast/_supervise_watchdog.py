@@ -79,6 +79,9 @@ _SLOT_SIZE = 64
 _FREE, _SPAWNING, _RUNNING = 0, 1, 2
 _PR_SET_NAME = 15
 _PR_SET_CHILD_SUBREAPER = 36
+# Every signal a stage (and W) starts with at its default: the C library's full set (sigfillset,
+# what _supervise_c hands posix_spawn as SETSIGDEF) but the two that cannot be caught or ignored.
+# The pure twin and the fork path reset exactly these.
 SIGNALS_TO_DEFAULT = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}))
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _CLOCK_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
