@@ -20,10 +20,15 @@ from .status import read_state
 ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
 
 
-def tick(config: Config, steps: int = 1) -> dict[str, Any]:
-    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
+def tick(config: Config, steps: int = 1, machine: Machine | None = None) -> dict[str, Any]:
+    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it.
+
+    machine: one kept from an earlier call (Core does), whose state in memory is reused when
+    the run's files did not change in between.
+    """
     apply_limits(config)
-    with Machine(config).open(create=False) as machine:
+    machine = machine or Machine(config)
+    with machine.open(create=False):
         machine.require_run()
         for _ in range(steps):
             if not machine.tick():
@@ -31,8 +36,8 @@ def tick(config: Config, steps: int = 1) -> dict[str, Any]:
         return machine.status()
 
 
-def start(config: Config, mode: str | None = None) -> dict[str, Any]:
-    with Machine(config) as machine:
+def start(config: Config, mode: str | None = None, machine: Machine | None = None) -> dict[str, Any]:
+    with (machine or Machine(config)).open() as machine:
         machine.start(mode)
         return machine.status()
 
@@ -45,7 +50,8 @@ def run(config: Config, mode: str | None = None,
     While the run is paused it waits for resume or stop, as a foreground loop should.
     """
     apply_limits(config)
-    with Machine(config) as machine:
+    # Taking the run for a long stay: the whole chain is checked, not only its head.
+    with Machine(config).open(verify_chain=True) as machine:
         state = machine.state
         if state is None or state["status"] in ("completed", "stopped"):
             machine.start(mode)
@@ -115,6 +121,13 @@ class Core:
 
     def __init__(self) -> None:
         self.config: Config | None = None
+        self._machine: Machine | None = None  # kept between ticks: its state is reused
+
+    def _kept(self) -> Machine:
+        cfg = self._cfg()
+        if self._machine is None or self._machine.config is not cfg:
+            self._machine = Machine(cfg)
+        return self._machine
 
     def init(self, config_path: str | None = None, **overrides: Any) -> None:
         """Load and validate the configuration (environment over heidi.toml over defaults).
@@ -122,6 +135,7 @@ class Core:
         Keyword overrides use the variable names: Core().init(OUT_DIR="/tmp/x", ROUNDS=2).
         """
         self.config = Config.load(config_path, overrides=overrides or None)
+        self._machine = None
 
     def _cfg(self) -> Config:
         if self.config is None:
@@ -131,11 +145,11 @@ class Core:
 
     def start(self, mode: str | None = None) -> str:
         """Begin a run in mode ("full" or "collect"; default: HEIDI_MODE, else full)."""
-        return _dumps(start(self._cfg(), mode))
+        return _dumps(start(self._cfg(), mode, self._kept()))
 
     def tick(self, max_steps: int = 1) -> str:
         """Up to max_steps transitions; returns the status as a JSON string."""
-        return _dumps(tick(self._cfg(), max_steps))
+        return _dumps(tick(self._cfg(), max_steps, self._kept()))
 
     def get_status(self) -> dict[str, Any]:
         view = status(self._cfg())
@@ -159,6 +173,7 @@ class Core:
     def shutdown(self) -> None:
         """Release everything; the run stays on disk where it is."""
         self.config = None
+        self._machine = None
 
 
 def _dumps(view: dict[str, Any]) -> str:

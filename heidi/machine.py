@@ -18,9 +18,10 @@ from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
-from .journal import JournalWriter, read_tail, verify_journal
+from .journal import (Head, JournalChanged, JournalWriter, changed_at, head_matches, line_before,
+                      verify_journal)
 from .lock import RunLock
-from .status import StatusWriter, read_state
+from .status import StatusWriter, fingerprint, read_state
 
 STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
 STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
@@ -181,29 +182,43 @@ class Machine:
         self.status_writer = StatusWriter(config.state_path, config.fsync)
         self.state: dict[str, Any] | None = None
         self.journal: JournalWriter | None = None
+        # fingerprints of (journal, state.json) as this process last wrote them; None: unknown
+        self._seen: tuple[Any, Any] | None = None
 
     # -- opening, recovery ---------------------------------------------------------------
-    def open(self, create: bool = True) -> "Machine":
-        """Take the run lock (RunLocked if held) and load the run, recovering it if needed.
+    def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
+        """Take the run lock (RunLocked if held) and load the run, checking the journal first.
 
         create=False (tick, control commands) refuses a missing OUT_DIR instead of making one.
+        verify_chain=True (`heidi run`, the daemon) checks the whole chain, not only its head.
+        Opened again after close(), a Machine keeps the state it holds when neither the journal
+        nor state.json changed since it wrote them (fstat only, nothing read).
         """
         if not create and not os.path.isdir(self.config.out_dir):
             raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
-        os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
+        if create:
+            os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
         self.lock.acquire()
         try:
-            self._load()
+            if verify_chain or not self._reuse():
+                self._load(verify_chain)
         except BaseException:
             self.close()
             raise
         return self
 
     def close(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
-        self.lock.release()
+        """Write what is held back, release the journal and the lock (the state stays in memory)."""
+        try:
+            if self.journal is not None:
+                journal, self.journal = self.journal, None
+                try:
+                    journal.close()
+                except BaseException:
+                    self._seen = None
+                    raise
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> "Machine":
         return self if self.lock.held else self.open()
@@ -211,100 +226,157 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load(self) -> None:
+    def _reuse(self) -> bool:
+        """Keep the state in memory when the files are exactly as this process left them."""
+        cfg, state, seen = self.config, self.state, self._seen
+        if seen is None or state is None:
+            return False
+        if (fingerprint(cfg.journal_path), fingerprint(cfg.state_path)) != seen:
+            self._seen = None
+            return False
+        self.journal = JournalWriter(cfg.journal_path, state["run_id"], self.clock,
+                                     fsync=cfg.fsync, batch=True, head=_recorded_head(state),
+                                     round=state["current_round"])
+        return True
+
+    def _read_state_file(self, journal_size: int) -> dict[str, Any] | None:
+        """state.json, or None when missing; a damaged one is kept aside (rebuilt from the journal)."""
         cfg = self.config
-        journal_exists = os.path.exists(cfg.journal_path) and os.path.getsize(cfg.journal_path) > 0
         try:
             state = read_state(cfg.state_path)
             if state is not None and not isinstance(state.get("journal"), dict):
                 raise StateError(f"{cfg.state_path}: not a heidi state (no journal head)")
         except StateError:
-            if not journal_exists:
+            if not journal_size:
                 raise
             # state.json is derived from the journal: keep the damaged copy, rebuild the state.
             n = 1
             while os.path.exists(f"{cfg.state_path}.corrupt-{n}"):
                 n += 1
             os.rename(cfg.state_path, f"{cfg.state_path}.corrupt-{n}")
-            state = None
-        if state is None and not journal_exists:
-            self.state = None
+            return None
+        return state
+
+    def _load(self, verify_chain: bool = False) -> None:
+        """Read the run from disk: state.json checked against the journal's end in O(1), caught
+        up with lines it missed, or rebuilt from the whole journal when it is missing or damaged.
+
+        The journal is the truth: a line that changed, went missing or broke the chain stops
+        here (JournalChanged) before anything is appended.
+        """
+        cfg = self.config
+        self.state, self._seen = None, None
+        try:
+            journal_size = os.stat(cfg.journal_path).st_size
+        except FileNotFoundError:
+            journal_size = 0
+        state = self._read_state_file(journal_size)
+        if state is not None and not state.get("run_id"):
+            state = None  # a state without a run is nothing to keep
+        if state is None and not journal_size:
             return
-        if state is not None and state.get("run_id") and not journal_exists:
+        if state is not None and not journal_size:
             raise StateError(f"{cfg.state_path} names run {state.get('run_id')!r} but "
                              f"{cfg.journal_path} is missing or empty")
-        run_id = state["run_id"] if state else self._journal_run_id()
-        head = state.get("journal", {}) if state else {}
-        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync,
-                                     batch=True,
-                                     head=(head.get("events", 0), head.get("head")) if state else None,
-                                     round=state.get("current_round", 0) if state else 0)
-        repaired = self.journal.repaired is not None
-        if state is None or head.get("head") != self.journal.prev_hash or repaired:
-            if state is not None and head.get("events", 0) > self.journal.count:
-                raise StateError(f"{cfg.journal_path} has {self.journal.count} events but "
-                                 f"state.json records {head.get('events')}: the journal was cut "
-                                 "short; run `heidi verify`")
-            state = self._replay()
-            self.state = state
-            self._emit("state_recovered",
-                       f"state.json rebuilt from the journal ({state['journal']['events']} events)",
-                       level="warn")
-            self._save()
+        head = _recorded_head(state) if state is not None else None
+        note = None
+        with open(cfg.journal_path, "rb") as fh:
+            fd = fh.fileno()
+            if head is not None and head.offset < 0 and head.size <= journal_size:
+                head = head._replace(offset=line_before(fd, head.size))  # older state.json
+            if head is None:
+                state, head = self._replay(fh, None, None)
+                if not head.events:
+                    raise StateError(f"{cfg.journal_path}: holds no whole event (only a cut-off "
+                                     "line); cannot tell which run it is")
+                note = f"state.json rebuilt from the journal ({head.events} events)"
+            else:
+                if journal_size < head.size or not head_matches(fd, head):
+                    raise JournalChanged(changed_at(cfg.journal_path, head.events, head.hash),
+                                         cfg.journal_path)
+                if verify_chain:
+                    _verify_upto(fh, head, cfg.journal_path)
+                if journal_size > head.size:
+                    before = head.events
+                    state, head = self._replay(fh, state, head)
+                    if head.events > before:
+                        note = (f"state.json caught up with the journal ({head.events - before} "
+                                f"events it had missed)")
+        assert state is not None
         self.state = state
+        self.journal = JournalWriter(cfg.journal_path, state["run_id"], self.clock,
+                                     fsync=cfg.fsync, batch=True, head=head,
+                                     round=state["current_round"])
+        if self.journal.repaired is not None:
+            # the writer set a torn last line aside and journaled it: fold that event in too
+            apply_event(state, self.journal.last_event)  # type: ignore[arg-type]
+            self._note_head()
+        if note is not None:
+            self._emit("state_recovered", note, level="warn")
+        if note is not None or self.journal.repaired is not None:
+            self._save()
         self.journal.round = state["current_round"]
         if state["status"] == "running" and state["state"] == "IDLE" and state["current_round"] == 0:
             # The starting process died between pipeline_start and round_start: finish the start.
             self._advance_round()
             self._save()
 
-    def _journal_run_id(self) -> str:
-        last, _ = read_tail(self.config.journal_path)
-        obj, reason = _chain.parse_line(last) if last else (None, "empty")
-        if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
-            # fall back to the first line: the genesis names the run
-            with open(self.config.journal_path, "rb") as fh:
-                first = fh.readline()
-            obj, reason = _chain.parse_line(first)
-            if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
-                raise StateError(f"{self.config.journal_path}: cannot tell which run it holds ({reason})")
-        return obj["run_id"]
+    def _replay(self, fh: Any = None, state: dict[str, Any] | None = None,
+                head: Head | None = None) -> Any:
+        """Fold the journal's whole lines after `head` (every line when None) into `state` (a
+        fresh one when None), each checked strictly; a torn last line is left for the writer.
 
-    def _replay(self) -> dict[str, Any]:
-        """Rebuild the state by folding every event of the (strictly checked) journal."""
-        state = empty_state()
-        count = 0
-        prev: str | None = None
-        size = 0
-        with open(self.config.journal_path, "rb") as fh:
-            for count, line in enumerate(fh, 1):
-                try:
-                    event = _chain.check_line(line, prev, state["run_id"])
-                except ValueError as exc:
-                    raise StateError(f"cannot rebuild state: {self.config.journal_path} line "
-                                     f"{count}: {exc}") from None
-                prev = _chain.line_hash(line)
-                size += len(line)
-                apply_event(state, event)
-        state["journal"] = {"events": count, "head": prev, "bytes": size}
-        return state
+        Returns (state, head); called without a file, opens the journal and returns the state.
+        """
+        if fh is None:
+            with open(self.config.journal_path, "rb") as fh:
+                return self._replay(fh)[0]
+        if state is None or head is None:
+            state, head = empty_state(), Head(0, "", 0, 0)
+        events, prev, pos, offset = head
+        expected: str | None = prev or None
+        run_id = state["run_id"]
+        fh.seek(pos)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break  # cut off by a crash: set aside by the JournalWriter
+            try:
+                event = _chain.check_line(line, expected, run_id)
+            except ValueError:
+                raise JournalChanged(events + 1, self.config.journal_path) from None
+            if run_id is None:
+                run_id = state["run_id"] = event["run_id"]
+            apply_event(state, event)
+            expected = _chain.line_hash(line)
+            events += 1
+            offset, pos = pos, pos + len(line)
+        head = Head(events, expected or "", pos, offset)
+        state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset}
+        return state, head
 
     # -- journal + state -----------------------------------------------------------------
+    def _note_head(self) -> None:
+        assert self.journal is not None and self.state is not None
+        self._seen = None  # the state in memory is ahead of state.json until _save
+        events, hash_, size, offset = self.journal.position
+        self.state["journal"] = {"events": events, "head": hash_, "bytes": size,
+                                 "head_offset": offset}
+
     def _emit(self, event_type: str, message: str = "", **kw: Any) -> None:
         assert self.journal is not None and self.state is not None
-        line = self.journal.emit(event_type, message, **kw)
+        self.journal.emit(event_type, message, **kw)
         # Fold what was written (redacted, truncated): replay must give the same state.
         apply_event(self.state, self.journal.last_event)
-        head = self.state["journal"]
-        head["events"] = self.journal.count
-        head["head"] = self.journal.prev_hash
-        head["bytes"] = head.get("bytes", 0) + len(line)
+        self._note_head()
 
     def _save(self) -> None:
+        """End a transition: the journal's lines written and fdatasynced (that makes it durable),
+        then state.json replaced (not synced: a cache of the journal)."""
         assert self.journal is not None and self.state is not None
         self.journal.sync()
         self.state["round"] = self.state["current_round"]
-        self.status_writer.write(self.state)
+        state_seen = self.status_writer.write(self.state)
+        self._seen = (fingerprint(self.config.journal_path), state_seen)
 
     # -- starting a run ------------------------------------------------------------------
     def start(self, mode: str | None = None) -> dict[str, Any]:
@@ -357,7 +429,7 @@ class Machine:
             os.rename(os.path.join(cfg.out_dir, name), os.path.join(dest, name))
         for path, _ in control.pending(cfg.control_dir):
             control.consume(path)  # requests aimed at the finished run
-        self.state = None
+        self.state, self._seen = None, None
 
     # -- ticking -------------------------------------------------------------------------
     def require_run(self) -> dict[str, Any]:
@@ -516,3 +588,40 @@ def verify_run(config: Config, path: str | None = None) -> tuple[int, str | None
     if state and isinstance(state.get("journal"), dict):
         head = (state["journal"].get("events", 0), state["journal"].get("head"))
     return verify_journal(journal, head)
+
+
+def _recorded_head(state: dict[str, Any]) -> Head | None:
+    """The journal's end as state.json records it; None when it records none to check against
+    (then the state is rebuilt from the journal). offset -1: not recorded (an older heidi)."""
+    journal = state.get("journal")
+    if not isinstance(journal, dict):
+        return None
+    events, hash_ = journal.get("events"), journal.get("head")
+    size, offset = journal.get("bytes"), journal.get("head_offset", -1)
+    if (type(events) is not int or events <= 0 or type(hash_) is not str
+            or type(size) is not int or size <= 0 or type(offset) is not int):
+        return None
+    return Head(events, hash_, size, offset)
+
+
+class _Upto:
+    """A file read only up to `end` (verify_stream reads through it)."""
+
+    def __init__(self, fh: Any, end: int) -> None:
+        self.fh, self.left = fh, end
+        fh.seek(0)
+
+    def read(self, size: int) -> bytes:
+        data = self.fh.read(min(size, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _verify_upto(fh: Any, head: Head, path: str) -> None:
+    """The whole chain up to the recorded head checked strictly (`heidi run`, the daemon)."""
+    try:
+        count, last, _ = _chain.verify_stream(_Upto(fh, head.size))
+    except _chain.JournalError as exc:
+        raise JournalChanged(exc.line_no, path) from None
+    if (count, last) != (head.events, head.hash):
+        raise JournalChanged(min(count, head.events) + 1 if count != head.events else count, path)

@@ -1,4 +1,8 @@
-"""state.json: the whole current state of a run, replaced atomically (design.md §3.2)."""
+"""state.json: the whole current state of a run, replaced atomically (design.md §3.2).
+
+A cache of the journal: replaced by tmp file + rename so a reader never sees it torn, but never
+fsynced -- after a power loss a stale, empty or missing state.json is rebuilt from the journal.
+"""
 from __future__ import annotations
 
 import os
@@ -11,18 +15,37 @@ from .errors import StateError
 
 
 class StatusWriter:
-    """Writes state.json whole (tmp file, fsync, rename, fsync dir); a reader never sees it torn."""
+    """Writes state.json whole (tmp file, rename); a reader never sees it torn.
+
+    Not fsynced, whatever `fsync` says: durability is the journal's (design.md §3.2, README
+    "Crash safety"). `fsync` is kept for callers that pass the run's setting.
+    """
 
     def __init__(self, path: str, fsync: bool = True) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
 
-    def write(self, state: dict[str, Any]) -> None:
+    def write(self, state: dict[str, Any]) -> Fingerprint:
+        """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
         data = orjson.dumps(state, option=orjson.OPT_INDENT_2) + b"\n"
-        _atomic.atomic_write(self.path, data, 0o600, self.fsync)
+        _atomic.atomic_write(self.path, data, 0o600, False)
+        return fingerprint(self.path)
 
     def read(self) -> dict[str, Any] | None:
         return read_state(self.path)
+
+
+Fingerprint = tuple[int, int, int, int]
+
+
+def fingerprint(path: str) -> Fingerprint | None:
+    """(inode, device, size, mtime in ns) of path, None when it is missing: equal fingerprints
+    mean a process that wrote the file can trust the copy it holds in memory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
 def read_state(path: str) -> dict[str, Any] | None:
