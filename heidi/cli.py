@@ -212,7 +212,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
         path = os.path.join(path, "events.jsonl")
     if not os.path.isfile(path):
         raise _UsageExit(f"heidi verify: {path}: no such journal")
+    from .errors import StateError
     from .journal import JournalError
+    from .machine import check_state_file
     try:
         from .config import Config
         count, head, run_id = verify_run(cfg or Config(), path)
@@ -222,10 +224,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             print(f"line {exc.line_no}: {exc.reason}")
         return EXIT_FAILED
+    try:
+        state, note = check_state_file(path)
+    except StateError as exc:
+        if args.json:
+            _print_json({"ok": False, "events": count, "head": head, "run_id": run_id,
+                         "path": path, "state": "disagrees", "reason": str(exc)})
+        else:
+            print(str(exc))
+        return EXIT_FAILED
     if args.json:
-        _print_json({"ok": True, "events": count, "head": head, "run_id": run_id, "path": path})
+        _print_json({"ok": True, "events": count, "head": head, "run_id": run_id, "path": path,
+                     "state": state})
     else:
         print(f"OK: {count} events, head {(head or '')[:12]}")
+        if state == "behind":
+            print(note)
     return EXIT_OK
 
 

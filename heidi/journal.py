@@ -100,8 +100,7 @@ class JournalChanged(StateError):
     else. Nothing is appended past it."""
 
     def __init__(self, line_no: int, path: str = "") -> None:
-        super().__init__(f"journal changed outside heidi at line {line_no}; see `heidi verify`"
-                         + (f" ({path})" if path else ""))
+        super().__init__(f"journal changed outside heidi at line {line_no}; see `heidi verify`")
         self.line_no = line_no
         self.path = path
 

@@ -267,9 +267,10 @@ class Machine:
         cfg = self.config
         self.state, self._seen = None, None
         try:
-            journal_size = os.stat(cfg.journal_path).st_size
+            journal_stat = os.stat(cfg.journal_path)
+            journal_size, journal_mtime = journal_stat.st_size, journal_stat.st_mtime_ns
         except FileNotFoundError:
-            journal_size = 0
+            journal_size, journal_mtime = 0, None
         state = self._read_state_file(journal_size)
         if state is not None and not state.get("run_id"):
             state = None  # a state without a run is nothing to keep
@@ -294,7 +295,11 @@ class Machine:
                 if journal_size < head.size or not head_matches(fd, head):
                     raise JournalChanged(changed_at(cfg.journal_path, head.events, head.hash),
                                          cfg.journal_path)
-                if verify_chain:
+                # Size and last line as recorded, but written to since (an edit of the same
+                # size, a swap, or lines heidi has not folded yet): check every line below the
+                # head too. Only then, or when taken for a long stay: not on every tick.
+                if (verify_chain or journal_size != head.size
+                        or journal_mtime != state["journal"].get("mtime_ns")):
                     _verify_upto(fh, head, cfg.journal_path)
                 if journal_size > head.size:
                     before = head.events
@@ -351,7 +356,8 @@ class Machine:
             events += 1
             offset, pos = pos, pos + len(line)
         head = Head(events, expected or "", pos, offset)
-        state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset}
+        state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset,
+                            "mtime_ns": os.fstat(fh.fileno()).st_mtime_ns}
         return state, head
 
     # -- journal + state -----------------------------------------------------------------
@@ -374,9 +380,12 @@ class Machine:
         then state.json replaced (not synced: a cache of the journal)."""
         assert self.journal is not None and self.state is not None
         self.journal.sync()
+        journal_seen = fingerprint(self.config.journal_path)
         self.state["round"] = self.state["current_round"]
+        # the journal's mtime as this process left it: a later write of the same size is seen
+        self.state["journal"]["mtime_ns"] = journal_seen[3] if journal_seen else None
         state_seen = self.status_writer.write(self.state)
-        self._seen = (fingerprint(self.config.journal_path), state_seen)
+        self._seen = (journal_seen, state_seen)
 
     # -- starting a run ------------------------------------------------------------------
     def start(self, mode: str | None = None) -> dict[str, Any]:
@@ -588,6 +597,63 @@ def verify_run(config: Config, path: str | None = None) -> tuple[int, str | None
     if state and isinstance(state.get("journal"), dict):
         head = (state["journal"].get("events", 0), state["journal"].get("head"))
     return verify_journal(journal, head)
+
+
+_NOT_FOLDED = ("round", "pending_requests")  # written beside the folded state, not by apply_event
+
+
+def check_state_file(journal_path: str) -> tuple[str, str]:
+    """Replay a (verified) journal and compare state.json beside it with the state it gives.
+
+    ("absent" | "matches" | "behind", one line); raises StateError when state.json disagrees
+    with the journal. "behind" (fewer events, agreeing up to them) is what a crash or power
+    loss leaves: the next process that takes the run catches it up.
+    """
+    import orjson
+    state_path = os.path.join(os.path.dirname(journal_path), "state.json")
+    try:
+        state = read_state(state_path)
+    except StateError as exc:
+        raise StateError(f"state.json disagrees with the journal: {exc}") from None
+    if state is None:
+        return "absent", "no state.json (the next process that takes the run rebuilds it)"
+    recorded = state.get("journal") if isinstance(state.get("journal"), dict) else {}
+    want = recorded.get("events")
+    if type(want) is not int or want < 0:
+        raise StateError("state.json disagrees with the journal: it records no journal head")
+    replayed = empty_state()
+    count = pos = offset = 0
+    prev = None
+    with open(journal_path, "rb") as fh:
+        for line in fh:
+            if count == want:
+                break
+            apply_event(replayed, orjson.loads(line))
+            prev = _chain.line_hash(line)
+            count += 1
+            offset, pos = pos, pos + len(line)
+        behind = count == want and fh.read(1) != b""
+    replayed["journal"] = {"events": count, "head": prev, "bytes": pos, "head_offset": offset}
+    on_disk = {k: v for k, v in state.items() if k not in _NOT_FOLDED}
+    # the mtime is the file's, not the events' (a copy of the run changes it); head_offset is
+    # missing from the state.json of an older heidi
+    on_disk["journal"] = {k: v for k, v in recorded.items() if k != "mtime_ns"}
+    if "head_offset" not in recorded:
+        del replayed["journal"]["head_offset"]
+    for key in sorted(set(on_disk) | set(replayed)):
+        if on_disk.get(key, "(missing)") != replayed.get(key, "(missing)"):
+            raise StateError(f"state.json disagrees with the journal: {key} is "
+                             f"{_short(on_disk.get(key, '(missing)'))}, replaying the journal's "
+                             f"first {count} events gives {_short(replayed.get(key, '(missing)'))}")
+    if behind:
+        return "behind", (f"state.json is behind the journal (it records {want} events); the next "
+                          "process that takes the run catches it up")
+    return "matches", "state.json matches the journal"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _recorded_head(state: dict[str, Any]) -> Head | None:
