@@ -117,7 +117,7 @@ def test_core_reuses_its_state_while_the_files_are_unchanged(tmp_path, monkeypat
     reads.clear()
     view = orjson.loads(core.tick())
     assert reads == [core.config.state_path]
-    assert (view["round"], view["state"]) == (2, "COLLECTING")
+    assert (view["round"], view["state"]) == (2, "VALIDATING")  # after the other's eval
     assert check_state_file(core.config.journal_path)[0] == "matches"
 
 
