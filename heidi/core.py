@@ -27,13 +27,23 @@ def tick(config: Config, steps: int = 1, machine: Machine | None = None) -> dict
     the run's files did not change in between.
     """
     apply_limits(config)
+    kept = machine is not None
     machine = machine or Machine(config)
-    with machine.open(create=False):
+    machine.open(create=False)
+    try:
         machine.require_run()
         for _ in range(steps):
             if not machine.tick():
                 break
         return machine.status()
+    except BaseException:
+        machine.close()
+        raise
+    finally:
+        if kept:
+            machine.release()  # the next call reuses the state and the journal's fd
+        else:
+            machine.close()
 
 
 def start(config: Config, mode: str | None = None, machine: Machine | None = None) -> dict[str, Any]:
@@ -135,6 +145,8 @@ class Core:
         Keyword overrides use the variable names: Core().init(OUT_DIR="/tmp/x", ROUNDS=2).
         """
         self.config = Config.load(config_path, overrides=overrides or None)
+        if self._machine is not None:
+            self._machine.close()
         self._machine = None
 
     def _cfg(self) -> Config:
@@ -173,6 +185,8 @@ class Core:
     def shutdown(self) -> None:
         """Release everything; the run stays on disk where it is."""
         self.config = None
+        if self._machine is not None:
+            self._machine.close()
         self._machine = None
 
 

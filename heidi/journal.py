@@ -214,7 +214,8 @@ class JournalWriter:
             else:
                 self._open_tail(head)
         except BaseException:
-            os.close(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             raise
 
     def _open_at(self, head: Head) -> None:
@@ -275,6 +276,11 @@ class JournalWriter:
         if self.fsync:
             os.fdatasync(self._fd)
         self.repaired = aside
+
+    @property
+    def pending(self) -> bool:
+        """Lines emitted but not yet written (batch mode)."""
+        return bool(self._pending)
 
     @property
     def head(self) -> tuple[int, str]:
@@ -364,6 +370,13 @@ class JournalWriter:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+    def __del__(self) -> None:
+        # a writer dropped without close(): its fd must not leak (nothing held back is written)
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
 
     def __enter__(self) -> "JournalWriter":
         return self

@@ -184,6 +184,7 @@ class Machine:
         self.journal: JournalWriter | None = None
         # fingerprints of (journal, state.json) as this process last wrote them; None: unknown
         self._seen: tuple[Any, Any] | None = None
+        self._journal_path, self._state_path = config.journal_path, config.state_path
 
     # -- opening, recovery ---------------------------------------------------------------
     def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
@@ -194,11 +195,14 @@ class Machine:
         Opened again after close(), a Machine keeps the state it holds when neither the journal
         nor state.json changed since it wrote them (fstat only, nothing read).
         """
-        if not create and not os.path.isdir(self.config.out_dir):
-            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
         if create:
             os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
-        self.lock.acquire()
+        try:
+            self.lock.acquire()
+        except FileNotFoundError:
+            if create:
+                raise
+            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`") from None
         try:
             if verify_chain or not self._reuse():
                 self._load(verify_chain)
@@ -206,6 +210,14 @@ class Machine:
             self.close()
             raise
         return self
+
+    def release(self) -> None:
+        """Let go of the run until the next open(): the lock is released, but the state and the
+        journal's fd are kept for it when nothing changes on disk in between (Core.tick)."""
+        if self.journal is None or self._seen is None or self.journal.pending:
+            self.close()
+        else:
+            self.lock.release()
 
     def close(self) -> None:
         """Write what is held back, release the journal and the lock (the state stays in memory)."""
@@ -231,12 +243,17 @@ class Machine:
         cfg, state, seen = self.config, self.state, self._seen
         if seen is None or state is None:
             return False
-        if (fingerprint(cfg.journal_path), fingerprint(cfg.state_path)) != seen:
+        journal_seen = fingerprint(self._journal_path)
+        if (journal_seen, fingerprint(self._state_path)) != seen:
             self._seen = None
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
             return False
-        self.journal = JournalWriter(cfg.journal_path, state["run_id"], self.clock,
-                                     fsync=cfg.fsync, batch=True, head=_recorded_head(state),
-                                     round=state["current_round"])
+        if self.journal is None:  # else: kept open by release(), on this very file (same inode)
+            self.journal = JournalWriter(self._journal_path, state["run_id"], self.clock,
+                                         fsync=cfg.fsync, batch=True, head=_recorded_head(state),
+                                         round=state["current_round"])
         return True
 
     def _read_state_file(self, journal_size: int) -> dict[str, Any] | None:
@@ -380,7 +397,7 @@ class Machine:
         then state.json replaced (not synced: a cache of the journal)."""
         assert self.journal is not None and self.state is not None
         self.journal.sync()
-        journal_seen = fingerprint(self.config.journal_path)
+        journal_seen = fingerprint(self._journal_path)
         self.state["round"] = self.state["current_round"]
         # the journal's mtime as this process left it: a later write of the same size is seen
         self.state["journal"]["mtime_ns"] = journal_seen[3] if journal_seen else None
