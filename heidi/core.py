@@ -5,22 +5,29 @@ Knows nothing of argv or terminals; the CLI formats what these functions return.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
-
-import orjson
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from .config import Config
 from .errors import RefusedError, RunLocked
 from .limits import apply_limits
 from .lock import lock_holder
-from .machine import Machine, status_view
-from .status import read_state
+from .status import read_state, status_view
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+def _machine(config: Config) -> "Machine":
+    # heidi.machine (the journal, the chain's compiled module) loads only for commands that
+    # take the run: `heidi status` reads state.json without it
+    from .machine import Machine
+    return Machine(config)
 
 ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
 
 
-def tick(config: Config, steps: int = 1, machine: Machine | None = None) -> dict[str, Any]:
+def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> dict[str, Any]:
     """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it.
 
     machine: one kept from an earlier call (Core does), whose state in memory is reused when
@@ -28,7 +35,7 @@ def tick(config: Config, steps: int = 1, machine: Machine | None = None) -> dict
     """
     apply_limits(config)
     kept = machine is not None
-    machine = machine or Machine(config)
+    machine = machine or _machine(config)
     machine.open(create=False)
     try:
         machine.require_run()
@@ -46,8 +53,8 @@ def tick(config: Config, steps: int = 1, machine: Machine | None = None) -> dict
             machine.close()
 
 
-def start(config: Config, mode: str | None = None, machine: Machine | None = None) -> dict[str, Any]:
-    with (machine or Machine(config)).open() as machine:
+def start(config: Config, mode: str | None = None, machine: "Machine | None" = None) -> dict[str, Any]:
+    with (machine or _machine(config)).open() as machine:
         machine.start(mode)
         return machine.status()
 
@@ -61,7 +68,7 @@ def run(config: Config, mode: str | None = None,
     """
     apply_limits(config)
     # Taking the run for a long stay: the whole chain is checked, not only its head.
-    with Machine(config).open(verify_chain=True) as machine:
+    with _machine(config).open(verify_chain=True) as machine:
         state = machine.state
         if state is None or state["status"] in ("completed", "stopped"):
             machine.start(mode)
@@ -84,7 +91,7 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
     Returns ("applied" | "queued", status view). RefusedError when it does not apply.
     """
     try:
-        machine = Machine(config).open(create=False)
+        machine = _machine(config).open(create=False)
     except RunLocked:
         state = read_state(config.state_path)
         view = status_view(state, config)
@@ -131,12 +138,12 @@ class Core:
 
     def __init__(self) -> None:
         self.config: Config | None = None
-        self._machine: Machine | None = None  # kept between ticks: its state is reused
+        self._machine: "Machine | None" = None  # kept between ticks: its state is reused
 
-    def _kept(self) -> Machine:
+    def _kept(self) -> "Machine":
         cfg = self._cfg()
         if self._machine is None or self._machine.config is not cfg:
-            self._machine = Machine(cfg)
+            self._machine = _machine(cfg)
         return self._machine
 
     def init(self, config_path: str | None = None, **overrides: Any) -> None:
@@ -191,4 +198,5 @@ class Core:
 
 
 def _dumps(view: dict[str, Any]) -> str:
+    import orjson
     return orjson.dumps(view).decode()

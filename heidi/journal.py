@@ -6,19 +6,32 @@ torn last line (kept aside, never silently), redacts before writing and batches 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
-import orjson
-
 from ._fast import atomic as _atomic
-from ._fast import chain as _chain
+from ._fast._chain_types import KEYS, JournalError
 from .clock import Clock, clock_from_env
 from .errors import StateError
 
-KEYS = _chain.KEYS
-JournalError = _chain.JournalError
+
+class _Lazy:
+    """A module imported at its first use: a tick with nothing to do, or `heidi status`, never
+    pays for orjson or the chain's compiled module (design.md §10, start-up)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # from now on a plain attribute
+        return value
+
+
+orjson = _Lazy("orjson")
+_chain = _Lazy("heidi._fast.chain")
 _TAIL_READ_BYTES = 64 * 1024
 
 
@@ -179,13 +192,10 @@ class JournalWriter:
                  redact: Callable[[str], str] | None = None, fsync: bool = True,
                  head: Head | tuple[int, str | None] | None = None, round: int = 0,
                  batch: bool = False) -> None:
-        if redact is None:
-            from ._fast.redact import redact as default_redact
-            redact = default_redact
         self.path = os.fspath(path)
         self.run_id = run_id
         self.clock = clock or clock_from_env()
-        self.redact = redact
+        self._redact = redact  # None: the default redactor, imported at the first emit
         self.fsync = fsync
         self.round = round
         self.repaired: str | None = None
@@ -276,6 +286,17 @@ class JournalWriter:
         if self.fsync:
             os.fdatasync(self._fd)
         self.repaired = aside
+
+    @property
+    def redact(self) -> Callable[[str], str]:
+        if self._redact is None:
+            from ._fast.redact import redact as default_redact
+            self._redact = default_redact
+        return self._redact
+
+    @redact.setter
+    def redact(self, value: Callable[[str], str]) -> None:
+        self._redact = value
 
     @property
     def pending(self) -> bool:

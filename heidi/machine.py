@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import control
-from ._fast import chain as _chain
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
-from .journal import (Head, JournalChanged, JournalWriter, changed_at, head_matches, line_before,
-                      verify_journal)
+from ._fast._chain_types import JournalError
+from .journal import (Head, JournalChanged, JournalWriter, _Lazy, changed_at, head_matches,
+                      line_before, verify_journal)
 from .lock import RunLock
-from .status import StatusWriter, fingerprint, read_state
+from .status import StatusWriter, fingerprint, read_state, status_view  # noqa: F401 (re-exported)
+
+_chain = _Lazy("heidi._fast.chain")
 
 STATES = ("IDLE", "COLLECTING", "VALIDATING", "TESTING", "FINALIZING", "EVALUATING", "ERROR")
 STAGE_OF = {"COLLECTING": "generate", "VALIDATING": "validate", "TESTING": "test",
@@ -82,7 +83,15 @@ def mock_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
         "wall_ms": 0.0})
 
 
+def _real_stage(machine: "Machine", stage: str, round_: int) -> StageOutcome:
+    """heidi.stages.run_stage, imported when a stage runs (a tick with nothing to do, status and
+    control commands never load the supervisor)."""
+    from .stages import run_stage
+    return run_stage(machine, stage, round_)
+
+
 def new_run_id(now_s: float) -> str:
+    import secrets
     return time.strftime("run_%Y%m%d_%H%M%S_", time.gmtime(now_s)) + secrets.token_hex(4)
 
 
@@ -172,11 +181,7 @@ class Machine:
         self.config = config
         self.clock = clock or clock_from_env()
         if stage_runner is None:
-            if config.mock_subprocesses:
-                stage_runner = mock_stage
-            else:
-                from .stages import run_stage
-                stage_runner = run_stage
+            stage_runner = mock_stage if config.mock_subprocesses else _real_stage
         self.stage_runner = stage_runner
         self.lock = RunLock(config.lock_path)
         self.status_writer = StatusWriter(config.state_path, config.fsync)
@@ -583,28 +588,6 @@ class Machine:
         return status_view(self.state, self.config)
 
 
-def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
-    """What `heidi status --json` and the API show: the state plus pending control requests."""
-    pending = [a for _, a in control.pending(config.control_dir)]
-    if state is None:
-        return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
-                "stage": None, "paused": False, "out_dir": config.out_dir,
-                "pending_requests": pending}
-    view = {
-        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
-        "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
-        "stage": state["current_stage"], "stage_status": state["stage_status"],
-        "paused": state["paused"],
-        "stop_requested": state["stop_requested"] or "stop" in pending,
-        "pause_requested": state["pause_requested"] or "pause" in pending,
-        "run_unit_tests": state["run_unit_tests"], "counters": state["counters"],
-        "usage": state["usage"], "started_at": state["started_at"],
-        "updated_at": state["updated_at"], "last_error": state["last_error"],
-        "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
-    }
-    return view
-
-
 def verify_run(config: Config, path: str | None = None) -> tuple[int, str | None, str | None]:
     """Strict check of a run's journal, and of state.json's head when it is there."""
     journal = path or config.journal_path
@@ -704,7 +687,7 @@ def _verify_upto(fh: Any, head: Head, path: str) -> None:
     """The whole chain up to the recorded head checked strictly (`heidi run`, the daemon)."""
     try:
         count, last, _ = _chain.verify_stream(_Upto(fh, head.size))
-    except _chain.JournalError as exc:
+    except JournalError as exc:
         raise JournalChanged(exc.line_no, path) from None
     if (count, last) != (head.events, head.hash):
         raise JournalChanged(min(count, head.events) + 1 if count != head.events else count, path)

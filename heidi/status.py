@@ -5,13 +5,16 @@ fsynced -- after a power loss a stale, empty or missing state.json is rebuilt fr
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
+from . import control
 from ._fast import atomic as _atomic
 from .errors import StateError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class StatusWriter:
@@ -27,6 +30,7 @@ class StatusWriter:
 
     def write(self, state: dict[str, Any]) -> Fingerprint:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
+        import orjson  # here: `heidi status` only reads
         data = orjson.dumps(state, option=orjson.OPT_INDENT_2) + b"\n"
         _atomic.atomic_write(self.path, data, 0o600, False)
         return fingerprint(self.path)
@@ -58,9 +62,32 @@ def read_state(path: str) -> dict[str, Any] | None:
     except OSError as exc:
         raise StateError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        state = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        # the stdlib's parser: a 1 KB file, and `heidi status` starts without importing orjson
+        state = json.loads(data)
+    except ValueError as exc:
         raise StateError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(state, dict):
         raise StateError(f"{path}: not a JSON object")
     return state
+
+
+def status_view(state: dict[str, Any] | None, config: "Config") -> dict[str, Any]:
+    """What `heidi status --json` and the API show: the state plus pending control requests."""
+    pending = [a for _, a in control.pending(config.control_dir)]
+    if state is None:
+        return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
+                "stage": None, "paused": False, "out_dir": config.out_dir,
+                "pending_requests": pending}
+    view = {
+        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
+        "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
+        "stage": state["current_stage"], "stage_status": state["stage_status"],
+        "paused": state["paused"],
+        "stop_requested": state["stop_requested"] or "stop" in pending,
+        "pause_requested": state["pause_requested"] or "pause" in pending,
+        "run_unit_tests": state["run_unit_tests"], "counters": state["counters"],
+        "usage": state["usage"], "started_at": state["started_at"],
+        "updated_at": state["updated_at"], "last_error": state["last_error"],
+        "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
+    }
+    return view

@@ -4,8 +4,6 @@ Defined once so that `_chain_py` and `_chain_c` raise the very same JournalError
 """
 from __future__ import annotations
 
-import json
-
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "READ_CHUNK_BYTES", "JournalError",
            "nan_literal"]
@@ -40,6 +38,7 @@ def _raise_constant(name: str) -> None:
 
 def nan_literal(line: bytes) -> bool:
     """True when the line is JSON but for a NaN/Infinity literal (asked on the error path only)."""
+    import json  # the error path only
     try:
         json.loads(line, parse_constant=_raise_constant)
     except _Constant:
