@@ -34,8 +34,8 @@ class OptionalBuildExt(build_ext):
             if not openssl:
                 self._notice(exc, ext.name)
                 return
-            print(f"*** heidi: {ext.name}: no OpenSSL to link ({exc}); using the portable SHA-256",
-                  file=sys.stderr)
+            print(f"*** heidi: {ext.name}: could not build it with OpenSSL ({exc}); trying the "
+                  "portable SHA-256", file=sys.stderr)
             ext.define_macros.remove(("HEIDI_HAVE_OPENSSL", "1"))
             ext.libraries.remove("crypto")
             try:
