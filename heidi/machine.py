@@ -337,7 +337,6 @@ class Machine:
         if self.journal.repaired is not None:
             # the writer set a torn last line aside and journaled it: fold that event in too
             apply_event(state, self.journal.last_event)  # type: ignore[arg-type]
-            self._note_head()
         if note is not None:
             self._emit("state_recovered", note, level="warn")
         if note is not None or self.journal.repaired is not None:
@@ -383,19 +382,12 @@ class Machine:
         return state, head
 
     # -- journal + state -----------------------------------------------------------------
-    def _note_head(self) -> None:
-        assert self.journal is not None and self.state is not None
-        self._seen = None  # the state in memory is ahead of state.json until _save
-        events, hash_, size, offset = self.journal.position
-        self.state["journal"] = {"events": events, "head": hash_, "bytes": size,
-                                 "head_offset": offset}
-
     def _emit(self, event_type: str, message: str = "", **kw: Any) -> None:
         assert self.journal is not None and self.state is not None
+        self._seen = None  # the state in memory is ahead of state.json until _save
         self.journal.emit(event_type, message, **kw)
         # Fold what was written (redacted, truncated): replay must give the same state.
         apply_event(self.state, self.journal.last_event)
-        self._note_head()
 
     def _save(self) -> None:
         """End a transition: the journal's lines written and fdatasynced (that makes it durable),
@@ -404,8 +396,12 @@ class Machine:
         self.journal.sync()
         journal_seen = fingerprint(self._journal_path)
         self.state["round"] = self.state["current_round"]
-        # the journal's mtime as this process left it: a later write of the same size is seen
-        self.state["journal"]["mtime_ns"] = journal_seen[3] if journal_seen else None
+        events, hash_, size, offset = self.journal.position
+        # the head as state.json records it; the journal's mtime as this process left it, so
+        # that a later write of the same size is seen
+        self.state["journal"] = {"events": events, "head": hash_, "bytes": size,
+                                 "head_offset": offset,
+                                 "mtime_ns": journal_seen[3] if journal_seen else None}
         state_seen = self.status_writer.write(self.state)
         self._seen = (journal_seen, state_seen)
 
