@@ -302,7 +302,7 @@ class Machine:
             raise StateError(f"{cfg.state_path} names run {state.get('run_id')!r} but "
                              f"{cfg.journal_path} is missing or empty")
         head = _recorded_head(state) if state is not None else None
-        note = None
+        note, touched = None, False
         with open(cfg.journal_path, "rb") as fh:
             fd = fh.fileno()
             if head is not None and head.offset < 0 and head.size <= journal_size:
@@ -320,8 +320,8 @@ class Machine:
                 # Size and last line as recorded, but written to since (an edit of the same
                 # size, a swap, or lines heidi has not folded yet): check every line below the
                 # head too. Only then, or when taken for a long stay: not on every tick.
-                if (verify_chain or journal_size != head.size
-                        or journal_mtime != state["journal"].get("mtime_ns")):
+                touched = journal_mtime != state["journal"].get("mtime_ns")
+                if verify_chain or touched or journal_size != head.size:
                     _verify_upto(fh, head, cfg.journal_path)
                 if journal_size > head.size:
                     before = head.events
@@ -339,8 +339,8 @@ class Machine:
             apply_event(state, self.journal.last_event)  # type: ignore[arg-type]
         if note is not None:
             self._emit("state_recovered", note, level="warn")
-        if note is not None or self.journal.repaired is not None:
-            self._save()
+        if note is not None or self.journal.repaired is not None or touched:
+            self._save()  # touched alone: record the new mtime, so the next tick is O(1) again
         self.journal.round = state["current_round"]
         if state["status"] == "running" and state["state"] == "IDLE" and state["current_round"] == 0:
             # The starting process died between pipeline_start and round_start: finish the start.
