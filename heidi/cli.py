@@ -49,7 +49,7 @@ class _UsageExit(Exception):
 # The commands cron and scripts run most, with the flags they take: parsed by hand, so that
 # `heidi status` and `heidi tick` start without argparse. Anything else (help, an abbreviated or
 # unknown flag, a bad value) goes to argparse, which parses or refuses it as it always has.
-_FAST = {"status": {"--out-dir": None, "--config": None, "--json": False},
+_FAST: dict[str, dict[str, Any]] = {"status": {"--out-dir": None, "--config": None, "--json": False},
          "tick": {"--out-dir": None, "--config": None, "--steps": 1}}
 
 
@@ -350,7 +350,7 @@ COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = None
+    args: Any = None
     try:
         args = _fast_parse(sys.argv[1:] if argv is None else list(argv))
         if args is None:

@@ -54,9 +54,9 @@ def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> di
 
 
 def start(config: Config, mode: str | None = None, machine: "Machine | None" = None) -> dict[str, Any]:
-    with (machine or _machine(config)).open() as machine:
-        machine.start(mode)
-        return machine.status()
+    with (machine or _machine(config)).open() as opened:
+        opened.start(mode)
+        return opened.status()
 
 
 def run(config: Config, mode: str | None = None,

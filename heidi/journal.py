@@ -12,7 +12,7 @@ import os
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 from ._fast import atomic as _atomic
-from ._fast._chain_types import KEYS, JournalError
+from ._fast._chain_types import KEYS, JournalError  # noqa: F401 (journal.KEYS: the schema's keys)
 from .clock import Clock, clock_from_env
 from .errors import StateError
 

@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import control
+from ._fast._chain_types import JournalError
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
-from ._fast._chain_types import JournalError
 from .journal import (Head, JournalChanged, JournalWriter, _Lazy, changed_at, head_matches,
                       line_before, verify_journal)
 from .lock import RunLock
-from .status import StatusWriter, fingerprint, read_state, status_view  # noqa: F401 (re-exported)
+from .status import StatusWriter, fingerprint, read_state, status_view
 
 _chain = _Lazy("heidi._fast.chain")
 
@@ -320,6 +320,7 @@ class Machine:
                 # Size and last line as recorded, but written to since (an edit of the same
                 # size, a swap, or lines heidi has not folded yet): check every line below the
                 # head too. Only then, or when taken for a long stay: not on every tick.
+                assert state is not None
                 touched = journal_mtime != state["journal"].get("mtime_ns")
                 if verify_chain or touched or journal_size != head.size:
                     _verify_upto(fh, head, cfg.journal_path)
@@ -355,8 +356,8 @@ class Machine:
         Returns (state, head); called without a file, opens the journal and returns the state.
         """
         if fh is None:
-            with open(self.config.journal_path, "rb") as fh:
-                return self._replay(fh)[0]
+            with open(self.config.journal_path, "rb") as journal:
+                return self._replay(journal)[0]
         if state is None or head is None:
             state, head = empty_state(), Head(0, "", 0, 0)
         events, prev, pos, offset = head
@@ -387,7 +388,7 @@ class Machine:
         self._seen = None  # the state in memory is ahead of state.json until _save
         self.journal.emit(event_type, message, **kw)
         # Fold what was written (redacted, truncated): replay must give the same state.
-        apply_event(self.state, self.journal.last_event)
+        apply_event(self.state, self.journal.last_event)  # type: ignore[arg-type]
 
     def _save(self) -> None:
         """End a transition: the journal's lines written and fdatasynced (that makes it durable),
@@ -613,7 +614,7 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
         raise StateError(f"state.json disagrees with the journal: {exc}") from None
     if state is None:
         return "absent", "no state.json (the next process that takes the run rebuilds it)"
-    recorded = state.get("journal") if isinstance(state.get("journal"), dict) else {}
+    recorded: dict[str, Any] = state["journal"] if isinstance(state.get("journal"), dict) else {}
     want = recorded.get("events")
     if type(want) is not int or want < 0:
         raise StateError("state.json disagrees with the journal: it records no journal head")

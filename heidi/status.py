@@ -28,7 +28,7 @@ class StatusWriter:
         self.path = os.fspath(path)
         self.fsync = fsync
 
-    def write(self, state: dict[str, Any]) -> Fingerprint:
+    def write(self, state: dict[str, Any]) -> Fingerprint | None:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
         import orjson  # here: `heidi status` only reads
         data = orjson.dumps(state, option=orjson.OPT_INDENT_2) + b"\n"

@@ -196,8 +196,7 @@ def test_power_loss_at_random_ticks(tmp_path, monkeypatch, seed):
     assert losses >= 3
     final = _journal(out)
     assert final.startswith(reported)  # no event lost that a returned tick had reported
-    count, head, run_id = verify_run(cfg)
-    assert run_id == "run_durability"
+    assert verify_run(cfg)[2] == "run_durability"
     assert check_state_file(cfg.journal_path)[0] == "matches"
     state = read_state(cfg.state_path)
     assert (state["status"], state["current_round"]) == ("completed", rounds)
