@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -364,6 +363,7 @@ class Config:
 
 
 def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    import tomllib  # here: most runs have no heidi.toml, and the CLI's start-up counts
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -5,9 +5,7 @@ Knows nothing of argv or terminals; the CLI formats what these functions return.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
-
-import orjson
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from .config import Config
@@ -16,27 +14,52 @@ from .limits import apply_limits
 from .lock import lock_holder
 from ._fast._supervise_cgroup import running_containment
 from .loop import judge_action
-from .machine import Machine
 from .status import read_state, status_view
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+
+def _machine(config: Config) -> "Machine":
+    # heidi.machine (the journal, the chain's compiled module) loads only for commands that
+    # take the run: `heidi status` reads state.json without it
+    from .machine import Machine
+    return Machine(config)
+
 
 ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
 
 
-def tick(config: Config, steps: int = 1) -> dict[str, Any]:
-    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
+def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> dict[str, Any]:
+    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it.
+
+    machine: one kept from an earlier call (Core does), whose state in memory is reused when
+    the run's files did not change in between.
+    """
     apply_limits(config)
-    with Machine(config).open(create=False) as machine:
+    kept = machine is not None
+    machine = machine or _machine(config)
+    machine.open(create=False)
+    try:
         machine.require_run()
         for _ in range(steps):
             if not machine.tick():
                 break
         return machine.status()
+    except BaseException:
+        machine.close()
+        raise
+    finally:
+        if kept:
+            machine.release()  # the next call reuses the state and the journal's fd
+        else:
+            machine.close()
 
 
-def start(config: Config, mode: str | None = None) -> dict[str, Any]:
-    with Machine(config) as machine:
-        machine.start(mode)
-        return machine.status()
+def start(config: Config, mode: str | None = None, machine: "Machine | None" = None) -> dict[str, Any]:
+    with (machine or _machine(config)).open() as opened:
+        opened.start(mode)
+        return opened.status()
 
 
 def run(config: Config, mode: str | None = None,
@@ -47,7 +70,8 @@ def run(config: Config, mode: str | None = None,
     While the run is paused it waits for resume or stop, as a foreground loop should.
     """
     apply_limits(config)
-    with Machine(config) as machine:
+    # Taking the run for a long stay: the whole chain is checked, not only its head.
+    with _machine(config).open(verify_chain=True) as machine:
         state = machine.state
         if state is None or state["status"] in ("completed", "stopped"):
             machine.start(mode)
@@ -70,7 +94,7 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
     Returns ("applied" | "queued", status view). RefusedError when it does not apply.
     """
     try:
-        machine = Machine(config).open(create=False)
+        machine = _machine(config).open(create=False)
     except RunLocked:
         state = read_state(config.state_path)
         view = status_view(state, config)
@@ -106,6 +130,13 @@ class Core:
 
     def __init__(self) -> None:
         self.config: Config | None = None
+        self._machine: "Machine | None" = None  # kept between ticks: its state is reused
+
+    def _kept(self) -> "Machine":
+        cfg = self._cfg()
+        if self._machine is None or self._machine.config is not cfg:
+            self._machine = _machine(cfg)
+        return self._machine
 
     def init(self, config_path: str | None = None, **overrides: Any) -> None:
         """Load and validate the configuration (environment over heidi.toml over defaults).
@@ -113,6 +144,9 @@ class Core:
         Keyword overrides use the variable names: Core().init(OUT_DIR="/tmp/x", ROUNDS=2).
         """
         self.config = Config.load(config_path, overrides=overrides or None)
+        if self._machine is not None:
+            self._machine.close()
+        self._machine = None
 
     def _cfg(self) -> Config:
         if self.config is None:
@@ -122,11 +156,11 @@ class Core:
 
     def start(self, mode: str | None = None) -> str:
         """Begin a run in mode ("full" or "collect"; default: HEIDI_MODE, else full)."""
-        return _dumps(start(self._cfg(), mode))
+        return _dumps(start(self._cfg(), mode, self._kept()))
 
     def tick(self, max_steps: int = 1) -> str:
         """Up to max_steps transitions; returns the status as a JSON string."""
-        return _dumps(tick(self._cfg(), max_steps))
+        return _dumps(tick(self._cfg(), max_steps, self._kept()))
 
     def get_status(self) -> dict[str, Any]:
         view = status(self._cfg())
@@ -150,7 +184,11 @@ class Core:
     def shutdown(self) -> None:
         """Release everything; the run stays on disk where it is."""
         self.config = None
+        if self._machine is not None:
+            self._machine.close()
+        self._machine = None
 
 
 def _dumps(view: dict[str, Any]) -> str:
+    import orjson
     return orjson.dumps(view).decode()

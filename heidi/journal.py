@@ -6,14 +6,13 @@ torn last line (kept aside, never silently), redacts before writing and batches 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
-
-import orjson  # noqa: F401 - main's events pager (read_events_page) in this module uses it
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple
 
 from ._fast import atomic as _atomic
-from ._fast import chain as _chain
+from ._fast._chain_types import KEYS, JournalError  # noqa: F401 (journal.KEYS: the schema's keys)
 from .clock import Clock, clock_from_env
 from .errors import StateError
 from .status import read_state
@@ -21,8 +20,22 @@ from .status import read_state
 if TYPE_CHECKING:
     from .config import Config
 
-KEYS = _chain.KEYS
-JournalError = _chain.JournalError
+
+class LazyModule:
+    """A module imported at its first use: a tick with nothing to do, or `heidi status`, never
+    pays for orjson or the chain's compiled module (design.md §10, start-up)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # from now on a plain attribute
+        return value
+
+
+orjson = LazyModule("orjson")
+_chain = LazyModule("heidi._fast.chain")
 _TAIL_READ_BYTES = 64 * 1024
 MAX_EVENT_LINE_BYTES = 1 << 20  # a longer line in a page is reported, not returned
 
@@ -92,20 +105,104 @@ def count_lines(path: str) -> int:
     return count
 
 
+class Head(NamedTuple):
+    """Where a journal ends, as state.json records it: events, hash of the last line (the run id
+    when empty), the file's size and the offset where the last line starts."""
+
+    events: int
+    hash: str
+    size: int
+    offset: int
+
+
+class JournalChanged(StateError):
+    """The journal is not what heidi left: a line changed, went missing or was added by someone
+    else. Nothing is appended past it."""
+
+    def __init__(self, line_no: int, path: str = "") -> None:
+        super().__init__(f"journal changed outside heidi at line {line_no}; see `heidi verify`")
+        self.line_no = line_no
+        self.path = path
+
+
+def read_at(fd: int, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an open file (pread until done)."""
+    parts = []
+    while start < end:
+        chunk = os.pread(fd, end - start, start)
+        if not chunk:
+            break
+        parts.append(chunk)
+        start += len(chunk)
+    return b"".join(parts)
+
+
+def head_matches(fd: int, head: Head) -> bool:
+    """True when the line at [head.offset, head.size) is the recorded head: O(1), one pread."""
+    if head.events == 0:
+        return head.size == 0
+    if not 0 <= head.offset < head.size:
+        return False
+    start = head.offset - 1 if head.offset else 0
+    data = read_at(fd, start, head.size)
+    if head.offset and data[:1] != b"\n":
+        return False
+    line = data[1:] if head.offset else data
+    return line.endswith(b"\n") and hashlib.sha256(line).hexdigest() == head.hash
+
+
+def line_before(fd: int, end: int) -> int:
+    """Offset where the line that ends at `end` starts (reads backwards, as little as it can)."""
+    want = 4096
+    while True:
+        start = max(0, end - want)
+        data = read_at(fd, start, end)
+        nl = data.rfind(b"\n", 0, len(data) - 1)
+        if nl >= 0:
+            return start + nl + 1
+        if start == 0:
+            return 0
+        if want > 2 * _chain.MAX_LINE_BYTES:
+            return end  # no line fits: head_matches then fails and says where
+        want *= 4
+
+
+def changed_at(path: str, events: int, head: str | None) -> int:
+    """Line number of the first line that is not what heidi wrote (the error path: reads it all).
+
+    events/head: what heidi last recorded (state.json, or the writer's own count and hash).
+    """
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            count, last, _ = _chain.verify_stream(fh)
+    except JournalError as exc:
+        return exc.line_no if exc.line_no <= events else events + 1
+    except OSError:
+        return 1
+    if count < events:
+        return count + 1  # cut off: the first missing line
+    if count == events and last != head:
+        return max(events, 1)
+    return events + 1  # lines after the recorded head that heidi did not write
+
+
 class JournalWriter:
-    """Appends events to one run's journal, continuing its hash chain across processes."""
+    """Appends events to one run's journal, continuing its hash chain across processes.
+
+    head: None (unknown: read the journal's tail, counting its lines), (events, hash) of a
+    caller that vouches for the count when the hash matches the last line, or a `Head` the
+    caller has checked (no read at all; only a torn fragment may follow it, which is set aside).
+    Before each append the writer checks that the file is still the size it left it.
+    """
 
     def __init__(self, path: str, run_id: str, clock: Clock | None = None,
                  redact: Callable[[str], str] | None = None, fsync: bool = True,
-                 head: tuple[int, str | None] | None = None, round: int = 0,
+                 head: Head | tuple[int, str | None] | None = None, round: int = 0,
                  batch: bool = False) -> None:
-        if redact is None:
-            from ._fast.redact import redact as default_redact
-            redact = default_redact
         self.path = os.fspath(path)
         self.run_id = run_id
         self.clock = clock or clock_from_env()
-        self.redact = redact
+        self._redact = redact  # None: the default redactor, imported at the first emit
         self.fsync = fsync
         self.round = round
         self.repaired: str | None = None
@@ -115,20 +212,49 @@ class JournalWriter:
         self.batch = batch
         self._pending: list[bytes] = []
         self._dirty = False
-        parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o700, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._changed: JournalChanged | None = None
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
         try:
-            self._open_tail(head)
+            self._fd = os.open(self.path, flags)
+            created = False
+        except FileNotFoundError:
+            parent = os.path.dirname(self.path) or "."
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            self._fd = os.open(self.path, flags | os.O_CREAT, 0o600)
+            created = True
+        try:
+            if created and fsync:
+                # fdatasync makes the appends durable, not the file's name: sync it once
+                _atomic.fsync_dir(os.path.dirname(self.path) or ".")
+            if isinstance(head, Head):
+                self._open_at(head)
+            else:
+                self._open_tail(head)
         except BaseException:
-            os.close(self._fd)
+            fd, self._fd = self._fd, -1
+            os.close(fd)
             raise
+
+    def _open_at(self, head: Head) -> None:
+        self.count, self.prev_hash = head.events, head.hash
+        self.size = self._disk_size = head.size
+        self.head_offset = head.offset
+        self._disk_head = (self.count, self.prev_hash)
+        actual = os.fstat(self._fd).st_size
+        if actual == head.size:
+            return
+        fragment = b""
+        if actual > head.size:
+            with open(self.path, "rb") as fh:
+                fh.seek(head.size)
+                fragment = fh.read(actual - head.size)
+        if not fragment or b"\n" in fragment:
+            raise JournalChanged(changed_at(self.path, head.events, head.hash), self.path)
+        self._repair(fragment)
 
     def _open_tail(self, head: tuple[int, str | None] | None) -> None:
         last, fragment = read_tail(self.path)
-        torn_bytes = len(fragment)
-        if fragment:
-            self._set_aside(fragment)
+        size = os.fstat(self._fd).st_size - len(fragment)
         if last is None:
             self.prev_hash = self.run_id
             self.count = 0
@@ -142,12 +268,20 @@ class JournalWriter:
                 self.count = head[0]
             else:
                 self.count = count_lines(self.path)
-        if torn_bytes:
-            self.emit("journal_repaired",
-                      f"journal ended in a cut-off line ({torn_bytes} bytes, kept in "
-                      f"{os.path.basename(self.repaired or '')}); cut back to the last whole line",
-                      level="warn")
-            self.sync()
+        self.size = self._disk_size = size
+        self.head_offset = size - len(last or b"")
+        self._disk_head = (self.count, self.prev_hash)
+        if fragment:
+            self._repair(fragment)
+
+    def _repair(self, fragment: bytes) -> None:
+        """Set a torn last line aside, cut the journal back to its last whole line, say so."""
+        self._set_aside(fragment)
+        self.emit("journal_repaired",
+                  f"journal ended in a cut-off line ({len(fragment)} bytes, kept in "
+                  f"{os.path.basename(self.repaired or '')}); cut back to the last whole line",
+                  level="warn")
+        self.sync()
 
     def _set_aside(self, fragment: bytes) -> None:
         n = 1
@@ -155,15 +289,36 @@ class JournalWriter:
             n += 1
         aside = f"{self.path}.torn-{n}"
         _atomic.atomic_write(aside, fragment, 0o600, self.fsync)
-        os.truncate(self.path, os.fstat(self._fd).st_size - len(fragment))
+        os.truncate(self.path, self._disk_size)
         if self.fsync:
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
         self.repaired = aside
+
+    @property
+    def redact(self) -> Callable[[str], str]:
+        if self._redact is None:
+            from ._fast.redact import redact as default_redact
+            self._redact = default_redact
+        return self._redact
+
+    @redact.setter
+    def redact(self, value: Callable[[str], str]) -> None:
+        self._redact = value
+
+    @property
+    def pending(self) -> bool:
+        """Lines emitted but not yet written (batch mode)."""
+        return bool(self._pending)
 
     @property
     def head(self) -> tuple[int, str]:
         """(events in the journal, hash of its last line — or the run id when empty)."""
         return self.count, self.prev_hash
+
+    @property
+    def position(self) -> Head:
+        """The journal's end as this writer leaves it (pending lines included)."""
+        return Head(self.count, self.prev_hash, self.size, self.head_offset)
 
     def emit(self, event_type: str, message: str = "", *, round: int | None = None,
              stage: str = "pipeline", level: str = "info",
@@ -195,24 +350,42 @@ class JournalWriter:
         if self.batch:
             self._pending.append(line)
         else:
-            _atomic.write_all(self._fd, line)
+            self._append(line)
         self.prev_hash = hashlib.sha256(line).hexdigest()
         self.count += 1
+        if not self.batch:
+            self._disk_head = (self.count, self.prev_hash)
+        self.head_offset = self.size
+        self.size += len(line)
         self._dirty = True
         return line
+
+    def _append(self, data: bytes) -> None:
+        # Still the size this writer left it? Otherwise another process wrote to it (or cut it):
+        # append nothing, now or later, and say at which line it changed.
+        if self._changed is None and os.fstat(self._fd).st_size != self._disk_size:
+            events, last = self._disk_head
+            self._changed = JournalChanged(changed_at(self.path, events, last), self.path)
+        if self._changed is not None:
+            self._pending.clear()
+            raise self._changed
+        _atomic.write_all(self._fd, data)
+        self._disk_size += len(data)
 
     def flush(self) -> None:
         """Write the lines held back in batch mode (one write(2) for all of them)."""
         if self._pending:
             data = b"".join(self._pending)
+            self._append(data)
             self._pending.clear()
-            _atomic.write_all(self._fd, data)
+            self._disk_head = (self.count, self.prev_hash)
 
     def sync(self) -> None:
-        """Make every append since the last sync durable (one fsync for a whole transition)."""
+        """Make every append since the last sync durable: one fdatasync for a whole transition
+        (the journal alone makes a transition durable; state.json is rebuilt from it)."""
         self.flush()
         if self._dirty and self.fsync:
-            os.fsync(self._fd)
+            os.fdatasync(self._fd)
         self._dirty = False
 
     def close(self) -> None:
@@ -222,6 +395,13 @@ class JournalWriter:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+    def __del__(self) -> None:
+        # a writer dropped without close(): its fd must not leak (nothing held back is written)
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
 
     def __enter__(self) -> "JournalWriter":
         return self

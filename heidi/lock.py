@@ -13,6 +13,11 @@ from .errors import RunLocked
 _PROBE_RETRY_DELAYS_S = (0.0005, 0.001, 0.002)
 
 
+def _pid_record(pid: int) -> bytes:
+    # 10 digits hold any pid (pid_max <= 2**22), so a shorter pid overwrites a longer one whole.
+    return b"%-10d\n" % pid
+
+
 class RunLock:
     """An exclusive, non-inheritable flock; released by the kernel if the holder dies."""
 
@@ -40,9 +45,16 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        # The holder's pid, for people and `heidi status`; the flock is what counts.
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # The holder's pid, for people and for lock_holder() where /proc/locks is unreadable; the
+        # flock is what counts. Written at a fixed width (no ftruncate, ~0.35 ms on ext4) and only
+        # when the file does not already name this process (a long-lived holder writes it once).
+        record = _pid_record(os.getpid())
+        try:
+            if os.pread(fd, len(record) + 1, 0) != record:
+                os.pwrite(fd, record, 0)
+        except BaseException:
+            os.close(fd)
+            raise
         self._fd = fd
         return self
 

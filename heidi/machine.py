@@ -11,16 +11,19 @@ import os
 from typing import Any
 
 from . import control
-from ._fast import chain as _chain
+from ._fast._chain_types import JournalError
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
-from .journal import JournalWriter, read_tail, verify_run  # noqa: F401
+from .journal import (Head, JournalChanged, JournalWriter, LazyModule, changed_at, head_matches,
+                      line_before, read_tail, verify_journal, verify_run)  # noqa: F401
 from .lock import RunLock
 from .loop import (ACTIVE_STATUSES, NEXT_ROUND, STAGE_OF, STATE_OF, STATES, TRANSITIONS,  # noqa: F401
                    StageContext, StageOutcome, StageRunner, apply_event, empty_state,
                    judge_action, new_run_id, next_state)
-from .status import StatusWriter, read_state, status_view
+from .status import StatusWriter, fingerprint, read_state, status_view
+
+_chain = LazyModule("heidi._fast.chain")
 
 # What an action the holder applies journals (judge_action says whether it applies).
 _ACTION_EVENTS = {"pause": ("pipeline_pause", "Paused; ticks do nothing until resumed"),
@@ -37,6 +40,13 @@ def mock_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
         "wall_ms": 0.0})
 
 
+def _real_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
+    """heidi.stages.run_stage, imported when a stage runs (a tick with nothing to do, status and
+    control commands never load the supervisor)."""
+    from .stages import run_stage
+    return run_stage(ctx, stage, round_)
+
+
 class Machine:
     """One run in one OUT_DIR. Use open() (takes the lock), then start()/tick()/actions, close()."""
 
@@ -45,39 +55,61 @@ class Machine:
         self.config = config
         self.clock = clock or clock_from_env()
         if stage_runner is None:
-            if config.mock_subprocesses:
-                stage_runner = mock_stage
-            else:
-                from .stages import run_stage
-                stage_runner = run_stage
+            stage_runner = mock_stage if config.mock_subprocesses else _real_stage
         self.stage_runner = stage_runner
         self.lock = RunLock(config.lock_path)
         self.status_writer = StatusWriter(config.state_path, config.fsync)
         self.state: dict[str, Any] | None = None
         self.journal: JournalWriter | None = None
+        # fingerprints of (journal, state.json) as this process last wrote them; None: unknown
+        self._seen: tuple[Any, Any] | None = None
+        self._journal_path, self._state_path = config.journal_path, config.state_path
 
     # -- opening, recovery ---------------------------------------------------------------
-    def open(self, create: bool = True) -> "Machine":
-        """Take the run lock (RunLocked if held) and load the run, recovering it if needed.
+    def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
+        """Take the run lock (RunLocked if held) and load the run, checking the journal first.
 
         create=False (tick, control commands) refuses a missing OUT_DIR instead of making one.
+        verify_chain=True (`heidi run`, the daemon) checks the whole chain, not only its head.
+        Opened again after close(), a Machine keeps the state it holds when neither the journal
+        nor state.json changed since it wrote them (fstat only, nothing read).
         """
-        if not create and not os.path.isdir(self.config.out_dir):
-            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
-        os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
-        self.lock.acquire()
+        if create:
+            os.makedirs(self.config.out_dir, mode=0o700, exist_ok=True)
         try:
-            self._load()
+            self.lock.acquire()
+        except FileNotFoundError:
+            if create:
+                raise
+            raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`") from None
+        try:
+            if verify_chain or not self._reuse():
+                self._load(verify_chain)
         except BaseException:
             self.close()
             raise
         return self
 
+    def release(self) -> None:
+        """Let go of the run until the next open(): the lock is released, but the state and the
+        journal's fd are kept for it when nothing changes on disk in between (Core.tick)."""
+        if self.journal is None or self._seen is None or self.journal.pending:
+            self.close()
+        else:
+            self.lock.release()
+
     def close(self) -> None:
-        if self.journal is not None:
-            self.journal.close()
-            self.journal = None
-        self.lock.release()
+        """Write what is held back, release the journal and the lock (the state stays in memory)."""
+        try:
+            if self.journal is not None:
+                journal, self.journal = self.journal, None
+                try:
+                    journal.close()
+                except BaseException:
+                    self._seen = None
+                    raise
+        finally:
+            self.lock.release()
 
     def __enter__(self) -> "Machine":
         return self if self.lock.held else self.open()
@@ -85,100 +117,168 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _load(self) -> None:
+    def _reuse(self) -> bool:
+        """Keep the state in memory when the files are exactly as this process left them."""
+        cfg, state, seen = self.config, self.state, self._seen
+        if seen is None or state is None:
+            return False
+        journal_seen = fingerprint(self._journal_path)
+        if (journal_seen, fingerprint(self._state_path)) != seen:
+            self._seen = None
+            if self.journal is not None:
+                self.journal.close()
+                self.journal = None
+            return False
+        if self.journal is None:  # else: kept open by release(), on this very file (same inode)
+            self.journal = JournalWriter(self._journal_path, state["run_id"], self.clock,
+                                         fsync=cfg.fsync, batch=True, head=_recorded_head(state),
+                                         round=state["current_round"])
+        return True
+
+    def _read_state_file(self, journal_size: int) -> dict[str, Any] | None:
+        """state.json, or None when missing; a damaged one is kept aside (rebuilt from the journal)."""
         cfg = self.config
-        journal_exists = os.path.exists(cfg.journal_path) and os.path.getsize(cfg.journal_path) > 0
         try:
             state = read_state(cfg.state_path)
             if state is not None and not isinstance(state.get("journal"), dict):
                 raise StateError(f"{cfg.state_path}: not a heidi state (no journal head)")
         except StateError:
-            if not journal_exists:
+            if not journal_size:
                 raise
             # state.json is derived from the journal: keep the damaged copy, rebuild the state.
             n = 1
             while os.path.exists(f"{cfg.state_path}.corrupt-{n}"):
                 n += 1
             os.rename(cfg.state_path, f"{cfg.state_path}.corrupt-{n}")
-            state = None
-        if state is None and not journal_exists:
-            self.state = None
+            return None
+        return state
+
+    def _load(self, verify_chain: bool = False) -> None:
+        """Read the run from disk: state.json checked against the journal's end in O(1), caught
+        up with lines it missed, or rebuilt from the whole journal when it is missing or damaged.
+
+        The journal is the truth: a line that changed, went missing or broke the chain stops
+        here (JournalChanged) before anything is appended.
+        """
+        cfg = self.config
+        self.state, self._seen = None, None
+        try:
+            journal_stat = os.stat(cfg.journal_path)
+            journal_size, journal_mtime = journal_stat.st_size, journal_stat.st_mtime_ns
+        except FileNotFoundError:
+            journal_size, journal_mtime = 0, None
+        state = self._read_state_file(journal_size)
+        if state is not None and not state.get("run_id"):
+            state = None  # a state without a run is nothing to keep
+        if state is None and not journal_size:
             return
-        if state is not None and state.get("run_id") and not journal_exists:
+        if state is not None and not journal_size:
             raise StateError(f"{cfg.state_path} names run {state.get('run_id')!r} but "
                              f"{cfg.journal_path} is missing or empty")
-        run_id = state["run_id"] if state else self._journal_run_id()
-        head = state.get("journal", {}) if state else {}
-        self.journal = JournalWriter(cfg.journal_path, run_id, self.clock, fsync=cfg.fsync,
-                                     batch=True,
-                                     head=(head.get("events", 0), head.get("head")) if state else None,
-                                     round=state.get("current_round", 0) if state else 0)
-        repaired = self.journal.repaired is not None
-        if state is None or head.get("head") != self.journal.prev_hash or repaired:
-            if state is not None and head.get("events", 0) > self.journal.count:
-                raise StateError(f"{cfg.journal_path} has {self.journal.count} events but "
-                                 f"state.json records {head.get('events')}: the journal was cut "
-                                 "short; run `heidi verify`")
-            state = self._replay()
-            self.state = state
-            self._emit("state_recovered",
-                       f"state.json rebuilt from the journal ({state['journal']['events']} events)",
-                       level="warn")
-            self._save()
+        head = _recorded_head(state) if state is not None else None
+        note, touched = None, False
+        with open(cfg.journal_path, "rb") as fh:
+            fd = fh.fileno()
+            if head is not None and head.offset < 0 and head.size <= journal_size:
+                head = head._replace(offset=line_before(fd, head.size))  # older state.json
+            if head is None:
+                state, head = self._replay(fh, None, None)
+                if not head.events:
+                    raise StateError(f"{cfg.journal_path}: holds no whole event (only a cut-off "
+                                     "line); cannot tell which run it is")
+                note = f"state.json rebuilt from the journal ({head.events} events)"
+            else:
+                if journal_size < head.size or not head_matches(fd, head):
+                    raise JournalChanged(changed_at(cfg.journal_path, head.events, head.hash),
+                                         cfg.journal_path)
+                # Size and last line as recorded, but written to since (an edit of the same
+                # size, a swap, or lines heidi has not folded yet): check every line below the
+                # head too. Only then, or when taken for a long stay: not on every tick.
+                assert state is not None
+                touched = journal_mtime != state["journal"].get("mtime_ns")
+                if verify_chain or touched or journal_size != head.size:
+                    _verify_upto(fh, head, cfg.journal_path)
+                if journal_size > head.size:
+                    before = head.events
+                    state, head = self._replay(fh, state, head)
+                    if head.events > before:
+                        note = (f"state.json caught up with the journal ({head.events - before} "
+                                f"events it had missed)")
+        assert state is not None
         self.state = state
+        self.journal = JournalWriter(cfg.journal_path, state["run_id"], self.clock,
+                                     fsync=cfg.fsync, batch=True, head=head,
+                                     round=state["current_round"])
+        if self.journal.repaired is not None:
+            # the writer set a torn last line aside and journaled it: fold that event in too
+            apply_event(state, self.journal.last_event)  # type: ignore[arg-type]
+        if note is not None:
+            self._emit("state_recovered", note, level="warn")
+        if note is not None or self.journal.repaired is not None or touched:
+            self._save()  # touched alone: record the new mtime, so the next tick is O(1) again
         self.journal.round = state["current_round"]
         if state["status"] == "running" and state["state"] == "IDLE" and state["current_round"] == 0:
             # The starting process died between pipeline_start and round_start: finish the start.
             self._advance_round()
             self._save()
 
-    def _journal_run_id(self) -> str:
-        last, _ = read_tail(self.config.journal_path)
-        obj, reason = _chain.parse_line(last) if last else (None, "empty")
-        if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
-            # fall back to the first line: the genesis names the run
-            with open(self.config.journal_path, "rb") as fh:
-                first = fh.readline()
-            obj, reason = _chain.parse_line(first)
-            if not isinstance(obj, dict) or not isinstance(obj.get("run_id"), str):
-                raise StateError(f"{self.config.journal_path}: cannot tell which run it holds ({reason})")
-        return obj["run_id"]
+    def _replay(self, fh: Any = None, state: dict[str, Any] | None = None,
+                head: Head | None = None) -> Any:
+        """Fold the journal's whole lines after `head` (every line when None) into `state` (a
+        fresh one when None), each checked strictly; a torn last line is left for the writer.
 
-    def _replay(self) -> dict[str, Any]:
-        """Rebuild the state by folding every event of the (strictly checked) journal."""
-        state = empty_state()
-        count = 0
-        prev: str | None = None
-        size = 0
-        with open(self.config.journal_path, "rb") as fh:
-            for count, line in enumerate(fh, 1):
-                try:
-                    event = _chain.check_line(line, prev, state["run_id"])
-                except ValueError as exc:
-                    raise StateError(f"cannot rebuild state: {self.config.journal_path} line "
-                                     f"{count}: {exc}") from None
-                prev = _chain.line_hash(line)
-                size += len(line)
-                apply_event(state, event)
-        state["journal"] = {"events": count, "head": prev, "bytes": size}
-        return state
+        Returns (state, head); called without a file, opens the journal and returns the state.
+        """
+        if fh is None:
+            with open(self.config.journal_path, "rb") as journal:
+                return self._replay(journal)[0]
+        if state is None or head is None:
+            state, head = empty_state(), Head(0, "", 0, 0)
+        events, prev, pos, offset = head
+        expected: str | None = prev or None
+        run_id = state["run_id"]
+        fh.seek(pos)
+        for line in fh:
+            if not line.endswith(b"\n"):
+                break  # cut off by a crash: set aside by the JournalWriter
+            try:
+                event = _chain.check_line(line, expected, run_id)
+            except ValueError:
+                raise JournalChanged(events + 1, self.config.journal_path) from None
+            if run_id is None:
+                run_id = state["run_id"] = event["run_id"]
+            apply_event(state, event)
+            expected = _chain.line_hash(line)
+            events += 1
+            offset, pos = pos, pos + len(line)
+        head = Head(events, expected or "", pos, offset)
+        state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset,
+                            "mtime_ns": os.fstat(fh.fileno()).st_mtime_ns}
+        return state, head
 
     # -- journal + state -----------------------------------------------------------------
     def _emit(self, event_type: str, message: str = "", **kw: Any) -> None:
         assert self.journal is not None and self.state is not None
-        line = self.journal.emit(event_type, message, **kw)
+        self._seen = None  # the state in memory is ahead of state.json until _save
+        self.journal.emit(event_type, message, **kw)
         # Fold what was written (redacted, truncated): replay must give the same state.
-        apply_event(self.state, self.journal.last_event)
-        head = self.state["journal"]
-        head["events"] = self.journal.count
-        head["head"] = self.journal.prev_hash
-        head["bytes"] = head.get("bytes", 0) + len(line)
+        apply_event(self.state, self.journal.last_event)  # type: ignore[arg-type]
 
     def _save(self) -> None:
+        """End a transition: the journal's lines written and fdatasynced (that makes it durable),
+        then state.json replaced (not synced: a cache of the journal)."""
         assert self.journal is not None and self.state is not None
         self.journal.sync()
+        journal_seen = fingerprint(self._journal_path)
         self.state["round"] = self.state["current_round"]
-        self.status_writer.write(self.state)
+        events, hash_, size, offset = self.journal.position
+        # the head as state.json records it; the journal's mtime as this process left it, so
+        # that a later write of the same size is seen
+        self.state["journal"] = {"events": events, "head": hash_, "bytes": size,
+                                 "head_offset": offset,
+                                 "mtime_ns": journal_seen[3] if journal_seen else None}
+        state_seen = self.status_writer.write(self.state)
+        self._seen = (journal_seen, state_seen)
 
     # -- starting a run ------------------------------------------------------------------
     def start(self, mode: str | None = None) -> dict[str, Any]:
@@ -231,7 +331,7 @@ class Machine:
             os.rename(os.path.join(cfg.out_dir, name), os.path.join(dest, name))
         for path, _ in control.pending(cfg.control_dir):
             control.consume(path)  # requests aimed at the finished run
-        self.state = None
+        self.state, self._seen = None, None
 
     # -- ticking -------------------------------------------------------------------------
     def require_run(self) -> dict[str, Any]:
@@ -347,3 +447,97 @@ class Machine:
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return status_view(self.state, self.config)
+
+
+_NOT_FOLDED = ("round", "pending_requests")  # written beside the folded state, not by apply_event
+
+
+def check_state_file(journal_path: str) -> tuple[str, str]:
+    """Replay a (verified) journal and compare state.json beside it with the state it gives.
+
+    ("absent" | "matches" | "behind", one line); raises StateError when state.json disagrees
+    with the journal. "behind" (fewer events, agreeing up to them) is what a crash or power
+    loss leaves: the next process that takes the run catches it up.
+    """
+    import orjson
+    state_path = os.path.join(os.path.dirname(journal_path), "state.json")
+    try:
+        state = read_state(state_path)
+    except StateError as exc:
+        raise StateError(f"state.json disagrees with the journal: {exc}") from None
+    if state is None:
+        return "absent", "no state.json (the next process that takes the run rebuilds it)"
+    recorded: dict[str, Any] = state["journal"] if isinstance(state.get("journal"), dict) else {}
+    want = recorded.get("events")
+    if type(want) is not int or want < 0:
+        raise StateError("state.json disagrees with the journal: it records no journal head")
+    replayed = empty_state()
+    count = pos = offset = 0
+    prev = None
+    with open(journal_path, "rb") as fh:
+        for line in fh:
+            if count == want:
+                break
+            apply_event(replayed, orjson.loads(line))
+            prev = _chain.line_hash(line)
+            count += 1
+            offset, pos = pos, pos + len(line)
+        behind = count == want and fh.read(1) != b""
+    replayed["journal"] = {"events": count, "head": prev, "bytes": pos, "head_offset": offset}
+    on_disk = {k: v for k, v in state.items() if k not in _NOT_FOLDED}
+    # the mtime is the file's, not the events' (a copy of the run changes it); head_offset is
+    # missing from the state.json of an older heidi
+    on_disk["journal"] = {k: v for k, v in recorded.items() if k != "mtime_ns"}
+    if "head_offset" not in recorded:
+        del replayed["journal"]["head_offset"]
+    for key in sorted(set(on_disk) | set(replayed)):
+        if on_disk.get(key, "(missing)") != replayed.get(key, "(missing)"):
+            raise StateError(f"state.json disagrees with the journal: {key} is "
+                             f"{_short(on_disk.get(key, '(missing)'))}, replaying the journal's "
+                             f"first {count} events gives {_short(replayed.get(key, '(missing)'))}")
+    if behind:
+        return "behind", (f"state.json is behind the journal (it records {want} events); the next "
+                          "process that takes the run catches it up")
+    return "matches", "state.json matches the journal"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _recorded_head(state: dict[str, Any]) -> Head | None:
+    """The journal's end as state.json records it; None when it records none to check against
+    (then the state is rebuilt from the journal). offset -1: not recorded (an older heidi)."""
+    journal = state.get("journal")
+    if not isinstance(journal, dict):
+        return None
+    events, hash_ = journal.get("events"), journal.get("head")
+    size, offset = journal.get("bytes"), journal.get("head_offset", -1)
+    if (type(events) is not int or events <= 0 or type(hash_) is not str
+            or type(size) is not int or size <= 0 or type(offset) is not int):
+        return None
+    return Head(events, hash_, size, offset)
+
+
+class _Upto:
+    """A file read only up to `end` (verify_stream reads through it)."""
+
+    def __init__(self, fh: Any, end: int) -> None:
+        self.fh, self.left = fh, end
+        fh.seek(0)
+
+    def read(self, size: int) -> bytes:
+        data = self.fh.read(min(size, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+
+def _verify_upto(fh: Any, head: Head, path: str) -> None:
+    """The whole chain up to the recorded head checked strictly (`heidi run`, the daemon)."""
+    try:
+        count, last, _ = _chain.verify_stream(_Upto(fh, head.size))
+    except JournalError as exc:
+        raise JournalChanged(exc.line_no, path) from None
+    if (count, last) != (head.events, head.hash):
+        raise JournalChanged(min(count, head.events) + 1 if count != head.events else count, path)

@@ -1,8 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Journal lines, compiled twin of `_chain_py`: build a v1.0 line, hash it, check lines strictly.
 
-The verify loop splits the buffer with memchr and checks fields with C-level type tests;
-JSON parsing is orjson's and hashing hashlib's (OpenSSL), as in the twin.
+verify_stream proves most lines valid in one C pass (_jscan.h: canonical form, schema and chain
+together, no Python object per line) and hashes them in C (_sha256.h: OpenSSL's SHA-256 where
+the build found it); a line the fast path is not sure of is checked as the twin checks it
+(orjson.loads + the schema + orjson.dumps), which also names what is wrong.
 """
 import hashlib
 
@@ -14,7 +16,16 @@ from heidi._fast._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_
                                       JournalError, encode_event, event_line, nan_literal,
                                       new_event)
 
-from libc.string cimport memchr
+from libc.string cimport memchr, memcpy
+
+cdef extern from "_sha256.h":
+    void heidi_sha256_hex(const unsigned char *data, size_t n, char *out) nogil
+    const char *HEIDI_SHA256_IMPL
+
+cdef extern from "_jscan.h":
+    int heidi_fast_line(const unsigned char *p, size_t n, const char *prev, size_t prev_len,
+                        const char *rid, size_t rid_len, const unsigned char **rid_at,
+                        size_t *rid_n) nogil
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.object cimport PyObject
@@ -23,6 +34,7 @@ __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHA
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
            "JournalError", "line_hash", "new_event", "event_line", "encode_event", "check_event",
            "parse_line", "check_line", "verify_stream"]
+SHA256_IMPL = (<bytes>HEIDI_SHA256_IMPL).decode()  # "openssl" or "portable" (bench, tests)
 HIDDEN_IMPORTS = ("hashlib", "orjson", "heidi._fast._chain_types")
 
 # The schema's limits are _chain_types' (one statement each), read into C variables at import.
@@ -266,34 +278,62 @@ def verify_stream(stream, Py_ssize_t line_no=0, prev_hash=None, run_id=None):
     bad line. line_no/prev_hash/run_id let a caller continue from a known position.
     """
     cdef bytes buf = b""
-    cdef bytes line
-    cdef str head = prev_hash
+    cdef bytes line, prev_b, rid_b = None
     cdef str rid = run_id
-    cdef const char *base
-    cdef const char *nl
-    cdef Py_ssize_t size, start
+    cdef const unsigned char *base
+    cdef const unsigned char *nl
+    cdef const unsigned char *rid_at = NULL
+    cdef size_t rid_n = 0
+    cdef Py_ssize_t size, start, n
+    cdef char head_hex[64]
+    cdef char prev_buf[256]
+    cdef const char *prev = NULL   # what the next line must chain on; NULL: the genesis
+    cdef size_t prev_len = 0
+    cdef bint have_head = False     # head_hex holds the last line's hash
+    if prev_hash is not None:
+        prev_b = (<str>prev_hash).encode("utf-8", "surrogatepass")
+        if len(prev_b) > 256:
+            prev_b = prev_b[:256]  # cannot match a line's prev_hash: the slow path says why
+        memcpy(prev_buf, <const char *>prev_b, len(prev_b))
+        prev, prev_len = prev_buf, len(prev_b)
+    if rid is not None:
+        rid_b = rid.encode("utf-8", "surrogatepass")
     while True:
         chunk = stream.read(_READ_CHUNK)
         if not chunk:
             break
         buf = buf + chunk if buf else bytes(chunk)
-        base = PyBytes_AS_STRING(buf)
+        base = <const unsigned char *>PyBytes_AS_STRING(buf)
         size = PyBytes_GET_SIZE(buf)
         start = 0
         while start < size:
-            nl = <const char *>memchr(base + start, b'\n', size - start)
+            nl = <const unsigned char *>memchr(base + start, b'\n', size - start)
             if nl == NULL:
                 break
-            line = PyBytes_FromStringAndSize(base + start, (nl - base) - start + 1)
+            n = (nl - base) - start + 1
             line_no += 1
-            obj, reason = _parse(line)
-            if reason is None:
-                reason = _check_event(obj, head, rid)
-            if reason is not None:
-                raise JournalError(line_no, reason)
-            if rid is None:
-                rid = (<dict>obj)["run_id"]
-            head = _sha256(line).hexdigest()
+            if n <= C_MAX_LINE and heidi_fast_line(
+                    base + start, n, prev, prev_len,
+                    <const char *>rid_b if rid_b is not None else NULL,
+                    len(rid_b) if rid_b is not None else 0, &rid_at, &rid_n):
+                if rid_b is None:
+                    rid_b = PyBytes_FromStringAndSize(<const char *>rid_at, rid_n)
+                    rid = rid_b.decode("ascii")
+            else:
+                # the fast path is not sure: check this line as the pure twin does
+                line = PyBytes_FromStringAndSize(<const char *>base + start, n)
+                obj, reason = _parse(line)
+                if reason is None:
+                    reason = _check_event(
+                        obj, (<bytes>prev[:prev_len]).decode("utf-8", "surrogatepass")
+                        if prev != NULL else None, rid)
+                if reason is not None:
+                    raise JournalError(line_no, reason)
+                if rid is None:
+                    rid = (<dict>obj)["run_id"]
+                    rid_b = rid.encode("utf-8", "surrogatepass")
+            heidi_sha256_hex(base + start, n, head_hex)
+            prev, prev_len, have_head = head_hex, 64, True
             start = (nl - base) + 1
         buf = buf[start:]
         if PyBytes_GET_SIZE(buf) > C_MAX_LINE:
@@ -301,4 +341,6 @@ def verify_stream(stream, Py_ssize_t line_no=0, prev_hash=None, run_id=None):
     if buf:
         _, reason = _parse(buf)
         raise JournalError(line_no + 1, reason or "last line is cut off (no newline)")
-    return line_no, head, rid
+    if have_head:
+        return line_no, PyBytes_FromStringAndSize(head_hex, 64).decode("ascii"), rid
+    return line_no, prev_hash, rid

@@ -6,7 +6,6 @@ JournalError class and write byte-identical lines (the compiled twin reads these
 """
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import orjson
@@ -48,6 +47,7 @@ def _raise_constant(name: str) -> None:
 
 def nan_literal(line: bytes) -> bool:
     """True when the line is JSON but for a NaN/Infinity literal (asked on the error path only)."""
+    import json  # the error path only
     try:
         json.loads(line, parse_constant=_raise_constant)
     except _Constant:

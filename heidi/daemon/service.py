@@ -142,7 +142,9 @@ class Daemon:
         cfg = self.config
         check_bind(cfg)
         apply_limits(cfg)
-        machine = Machine(cfg).open()  # RunLocked: another process holds the run
+        # RunLocked: another process holds the run. Taken for a long stay: the whole chain is
+        # checked, and each append checks the journal is still the size this process left it.
+        machine = Machine(cfg).open(verify_chain=True)
         if not cfg.mock_subprocesses:
             # Fork the stage watchdog now, while this process is still single-threaded.
             from .._fast.supervise import ensure_watchdog

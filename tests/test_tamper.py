@@ -1,0 +1,284 @@
+"""A journal changed outside heidi is never built upon (issue #9 item 2): `heidi tick`, the
+Python API holding the run and a real `heidi daemon` each stop with one line, append nothing, and
+`heidi verify` names the line and reports a state.json that disagrees with the journal.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from heidi.config import Config
+from heidi.journal import JournalChanged
+from heidi.machine import Machine, mock_stage
+
+from cli_helpers import clean_env, heidi_cli
+
+CHANGED = re.compile(r"^heidi: journal changed outside heidi at line (\d+); see `heidi verify`")
+
+
+def _cli(out: str, *args: str) -> subprocess.CompletedProcess:
+    return heidi_cli(*args, "--out-dir", out, HEIDI_MOCK_SUBPROCESSES="1", ROUNDS="3",
+                     HEIDI_FSYNC="0")
+
+
+def _lines(out: str) -> list[bytes]:
+    with open(os.path.join(out, "events.jsonl"), "rb") as fh:
+        return fh.readlines()
+
+
+def _write(out: str, lines: list[bytes]) -> None:
+    with open(os.path.join(out, "events.jsonl"), "wb") as fh:
+        fh.writelines(lines)
+
+
+def _journal_bytes(out: str) -> bytes:
+    with open(os.path.join(out, "events.jsonl"), "rb") as fh:
+        return fh.read()
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A run ticked a few transitions: 2 + 3 * 3 + ... lines in its journal."""
+    out = str(tmp_path / "out")
+    assert _cli(out, "start").returncode == 0
+    proc = _cli(out, "tick", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert len(_lines(out)) == 11
+    return out
+
+
+def _delete(lines):
+    del lines[5]
+
+
+def _edit_same_size(lines):
+    # the same length, so neither the size nor the last line tells: only the chain does
+    lines[4] = lines[4].replace(b'"level":"info"', b'"level":"warn"')
+    assert b'"level":"warn"' in lines[4]
+
+
+def _edit_longer(lines):
+    lines[6] = lines[6].replace(b'"message":"', b'"message":"edited ')
+
+
+def _swap(lines):
+    lines[3], lines[4] = lines[4], lines[3]
+
+
+def _edit_last(lines):
+    lines[-1] = lines[-1].replace(b'"message":"', b'"message":"X')
+
+
+def _cut_tail(lines):
+    del lines[-2:]
+
+
+def _foreign_line(lines):
+    event = orjson.loads(lines[-1])
+    event["message"] = "written by someone else"
+    lines.append(orjson.dumps(event) + b"\n")  # prev_hash is not the last line's hash
+
+
+def _foreign_garbage(lines):
+    lines.append(b"hello from another process\n")
+
+
+TAMPERING = {"delete a middle line": (_delete, 6), "edit a middle line, same size": (_edit_same_size, 6),
+             "edit a middle line, longer": (_edit_longer, 8), "swap two lines": (_swap, 4),
+             "edit the last line": (_edit_last, 11), "cut the tail": (_cut_tail, 10),
+             "append a foreign event": (_foreign_line, 12),
+             "append a foreign line": (_foreign_garbage, 12)}
+
+
+@pytest.mark.parametrize("name", list(TAMPERING))
+def test_tick_refuses_a_changed_journal(run, name):
+    damage, line_no = TAMPERING[name]
+    lines = _lines(run)
+    damage(lines)
+    _write(run, lines)
+    before = _journal_bytes(run)
+    state_before = open(os.path.join(run, "state.json"), "rb").read()
+    for command in (("tick",), ("run",), ("pause",)):
+        proc = _cli(run, *command)
+        assert proc.returncode == 1, (command, proc.stdout, proc.stderr)
+        assert len(proc.stderr.splitlines()) == 1, proc.stderr
+        match = CHANGED.match(proc.stderr)
+        assert match, proc.stderr
+        assert int(match.group(1)) == line_no, proc.stderr
+    # nothing appended past it, and state.json untouched
+    assert _journal_bytes(run) == before
+    assert open(os.path.join(run, "state.json"), "rb").read() == state_before
+    proc = _cli(run, "verify")
+    assert proc.returncode == 1
+
+
+def test_torn_tail_is_not_tampering(run):
+    with open(os.path.join(run, "events.jsonl"), "ab") as fh:
+        fh.write(b'{"event_version":"1.0","ts":"2026-02')
+    proc = _cli(run, "tick")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    kinds = [orjson.loads(line)["event_type"] for line in _lines(run)]
+    assert "journal_repaired" in kinds and os.path.exists(os.path.join(run, "events.jsonl.torn-1"))
+    assert _cli(run, "verify").returncode == 0
+
+
+def test_state_json_behind_the_journal_is_caught_up_not_refused(run):
+    state_path = os.path.join(run, "state.json")
+    old = open(state_path, "rb").read()
+    assert _cli(run, "tick").returncode == 0
+    with open(state_path, "wb") as fh:
+        fh.write(old)  # as after a power loss: state.json older than the journal
+    proc = _cli(run, "verify")
+    assert proc.returncode == 0, proc.stdout
+    assert "behind the journal" in proc.stdout
+    proc = _cli(run, "tick")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    events = [orjson.loads(line) for line in _lines(run)]
+    recovered = [e for e in events if e["event_type"] == "state_recovered"]
+    assert len(recovered) == 1 and "caught up" in recovered[0]["message"]
+    proc = _cli(run, "verify", "--json")
+    assert proc.returncode == 0 and orjson.loads(proc.stdout)["state"] == "matches"
+
+
+@pytest.mark.parametrize("field,value", [("current_round", 3), ("counters", {"samples": 10**6}),
+                                         ("status", "completed")])
+def test_verify_reports_a_state_json_that_disagrees(run, field, value):
+    state_path = os.path.join(run, "state.json")
+    state = orjson.loads(open(state_path, "rb").read())
+    state[field] = value
+    with open(state_path, "wb") as fh:
+        fh.write(orjson.dumps(state))
+    proc = _cli(run, "verify")
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"state.json disagrees with the journal: {field} is "), proc.stdout
+    proc = _cli(run, "verify", "--json")
+    report = orjson.loads(proc.stdout)
+    assert proc.returncode == 1 and report["ok"] is False and report["state"] == "disagrees"
+
+
+# -- a process that holds the run -----------------------------------------------------------
+
+def _config(out: str) -> Config:
+    return Config.load(None, environ={}, overrides={
+        "OUT_DIR": out, "ROUNDS": 3, "HEIDI_MOCK_SUBPROCESSES": True, "HEIDI_FSYNC": False})
+
+
+@pytest.mark.parametrize("name,line_no", [("append a foreign event", 9), ("append a foreign line", 9),
+                                          ("cut the tail", 7), ("delete a middle line", 6)])
+def test_holder_refuses_to_append_after_a_change(tmp_path, name, line_no):
+    damage, _ = TAMPERING[name]
+    out = str(tmp_path / "out")
+    machine = Machine(_config(out), stage_runner=mock_stage).open()
+    try:
+        machine.start()
+        machine.tick()
+        machine.tick()
+        lines = _lines(out)
+        damage(lines)
+        if name.startswith("append"):
+            with open(os.path.join(out, "events.jsonl"), "ab") as fh:  # in place: an append
+                fh.write(lines[-1])
+        else:
+            _write(out, lines)
+        before = _journal_bytes(out)
+        with pytest.raises(JournalChanged) as info:
+            machine.tick()
+        assert info.value.line_no == line_no  # 8 lines before the change
+        with pytest.raises(JournalChanged):
+            machine.tick()  # and it stays refused
+    finally:
+        machine.close()
+    assert _journal_bytes(out) == before
+
+
+def test_core_between_ticks_notices_a_foreign_append(tmp_path):
+    import heidi
+    out = str(tmp_path / "out")
+    core = heidi.Core()
+    core.init(None, OUT_DIR=out, ROUNDS=3, HEIDI_MOCK_SUBPROCESSES=1, HEIDI_FSYNC=0)
+    core.start()
+    core.tick()
+    with open(os.path.join(out, "events.jsonl"), "ab") as fh:
+        fh.write(b'{"not":"an event"}\n')
+    before = _journal_bytes(out)
+    with pytest.raises(JournalChanged):
+        core.tick()
+    assert _journal_bytes(out) == before
+
+
+def test_daemon_stops_on_a_foreign_append_while_it_holds_the_run(tmp_path):
+    out = str(tmp_path / "out")
+    err_path = str(tmp_path / "daemon.err")
+    env = clean_env(HEIDI_MOCK_SUBPROCESSES="1", HEIDI_MODE="collect", ROUNDS="2", HEIDI_FSYNC="0")
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "heidi", "daemon", "--port", "0",
+                                 "--out-dir", out], env=env, cwd=str(tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        # collect mode: the run waits in IDLE for train-now, the daemon holding it
+        deadline = time.monotonic() + 20
+        while True:
+            state_path = os.path.join(out, "state.json")
+            if os.path.exists(state_path):
+                state = orjson.loads(open(state_path, "rb").read())
+                if state["status"] == "idle":
+                    break
+            assert proc.poll() is None, open(err_path).read()
+            assert time.monotonic() < deadline, "the daemon never reached IDLE"
+            time.sleep(0.05)
+        count = len(_lines(out))
+        with open(os.path.join(out, "events.jsonl"), "ab") as fh:
+            fh.write(b'{"written":"by another process"}\n')
+        before = _journal_bytes(out)
+        queued = _cli_env(out, env, "pause")
+        assert queued.returncode == 0 and "requested" in queued.stdout, queued.stderr
+        code = proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    stderr = open(err_path).read()
+    assert code == 1, stderr
+    assert f"journal changed outside heidi at line {count + 1}; see `heidi verify`" in stderr
+    assert _journal_bytes(out) == before  # nothing chained past the foreign line
+
+
+def test_daemon_refuses_to_take_a_changed_run(run, tmp_path):
+    lines = _lines(run)
+    _edit_same_size(lines)
+    _write(run, lines)
+    env = clean_env(HEIDI_MOCK_SUBPROCESSES="1", ROUNDS="3", HEIDI_FSYNC="0")
+    proc = subprocess.run([sys.executable, "-m", "heidi", "daemon", "--port", "0", "--out-dir", run],
+                          env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert CHANGED.match(proc.stderr.splitlines()[-1]), proc.stderr
+
+
+def _cli_env(out: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "heidi", *args, "--out-dir", out], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_touched_journal_is_checked_once_then_trusted_again(run, monkeypatch):
+    """Only the mtime changed (a backup tool, `touch`): the whole chain is checked, found intact,
+    and the new mtime recorded, so the next tick is O(1) again."""
+    import heidi.machine as machine_mod
+    journal = os.path.join(run, "events.jsonl")
+    os.utime(journal, ns=(0, 10**18))
+    calls = []
+    real = machine_mod._verify_upto
+    monkeypatch.setattr(machine_mod, "_verify_upto", lambda *a: calls.append(1) or real(*a))
+    cfg = _config(run)
+    for expected in (1, 1):
+        with Machine(cfg, stage_runner=mock_stage) as machine:
+            assert machine.state["journal"]["mtime_ns"] == os.stat(journal).st_mtime_ns
+        assert len(calls) == expected
+    assert _cli(run, "verify", "--json").returncode == 0
