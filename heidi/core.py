@@ -4,6 +4,7 @@ Knows nothing of argv or terminals; the CLI formats what these functions return.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -12,24 +13,30 @@ import orjson
 from . import control
 from .config import Config
 from .errors import RefusedError, RunLocked
+from .interrupt import Interrupt, signals_interrupt
 from .limits import apply_limits
 from .lock import lock_holder
 from .loop import judge_action
 from .machine import Machine
 from .status import read_state, status_view
 
-ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
+ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied",
+               "continue": "continuing"}
 
 
 def tick(config: Config, steps: int = 1) -> dict[str, Any]:
-    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it."""
+    """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it.
+
+    SIGTERM, SIGINT or SIGHUP meanwhile end the running stage and raise Interrupted: the run is
+    left interrupted, for the next tick to continue."""
     apply_limits(config)
-    with Machine(config).open(create=False) as machine:
-        machine.require_run()
-        for _ in range(steps):
-            if not machine.tick():
-                break
-        return machine.status()
+    with signals_interrupt(Interrupt()) as interrupt:
+        with Machine(config, interrupt=interrupt).open(create=False) as machine:
+            machine.require_run()
+            for _ in range(steps):
+                if not machine.tick():
+                    break
+            return machine.status()
 
 
 def start(config: Config, mode: str | None = None) -> dict[str, Any]:
@@ -43,11 +50,19 @@ def run(config: Config, mode: str | None = None,
         poll_s: float = 0.5) -> dict[str, Any]:
     """Start a run if there is none (or the last one finished), then tick until IDLE or ERROR.
 
-    While the run is paused it waits for resume or stop, as a foreground loop should.
+    While the run is paused it waits for resume or stop, as a foreground loop should. An
+    interrupted run goes on in its run_id; with RUN_ID naming a run that already completed (here
+    or archived in runs/) nothing happens: the view says so ("already_completed"). A signal ends
+    the running stage and raises Interrupted, leaving the run interrupted.
     """
     apply_limits(config)
-    with Machine(config) as machine:
+    done = _completed_run(config)
+    if done is not None:
+        return done
+    with signals_interrupt(Interrupt()) as interrupt, Machine(config, interrupt=interrupt) as machine:
         state = machine.state
+        if state is not None and state["status"] == "completed" and state["run_id"] == config.run_id:
+            return {**machine.status(), "already_completed": True}  # completed since we looked
         if state is None or state["status"] in ("completed", "stopped"):
             machine.start(mode)
         while True:
@@ -61,6 +76,25 @@ def run(config: Config, mode: str | None = None,
                 time.sleep(poll_s)
                 continue
             machine.tick()
+
+
+def _completed_run(config: Config) -> dict[str, Any] | None:
+    """The status of the completed run named by RUN_ID, in OUT_DIR or archived, else None."""
+    if config.run_id is None:
+        return None
+    state = read_state(config.state_path)
+    if state is not None and state.get("run_id") == config.run_id:
+        if state.get("status") != "completed":
+            return None
+        return {**status(config), "already_completed": True}
+    archived = os.path.join(config.out_dir, "runs", config.run_id)
+    state = read_state(os.path.join(archived, "state.json"))
+    if state is None or state.get("run_id") != config.run_id or state.get("status") != "completed":
+        return None
+    view = status_view(state, config)
+    view.update(already_completed=True, archived=archived, pending_requests=[],
+                out_dir=config.out_dir)
+    return view
 
 
 def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
@@ -144,6 +178,10 @@ class Core:
 
     def stop(self) -> str:
         return control_action(self._cfg(), "stop")[0]
+
+    def continue_run(self) -> str:
+        """A run in ERROR or stopped goes on in its run_id (`heidi continue`)."""
+        return control_action(self._cfg(), "continue")[0]
 
     def shutdown(self) -> None:
         """Release everything; the run stays on disk where it is."""

@@ -20,9 +20,9 @@ from .errors import RefusedError, StateError
 from .interrupt import Interrupt
 from .journal import JournalWriter, read_tail, verify_run  # noqa: F401
 from .lock import RunLock
-from .loop import (ACTIVE_STATUSES, NEXT_ROUND, STAGE_OF, STATE_OF, STATES, TRANSITIONS,  # noqa: F401
-                   StageContext, StageOutcome, StageRunner, apply_event, empty_state,
-                   judge_action, new_run_id, next_state)
+from .loop import (ACTIVE_STATUSES, ENDED_STATUSES, NEXT_ROUND, STAGE_OF,  # noqa: F401
+                   STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome, StageRunner,
+                   apply_event, empty_state, judge_action, new_run_id, next_state)
 from .status import StatusWriter, read_state, status_view
 
 # What an action the holder applies journals (judge_action says whether it applies).
@@ -243,8 +243,11 @@ class Machine:
                                    f"(state {self.state['state']}); stop it first or use another --out-dir")
             if run_id == self.state["run_id"]:
                 # checked before archiving: a refused start leaves the finished run where it is
+                ended = self.state["status"]
+                way = ("`heidi continue` takes it up again, or choose another id"
+                       if ended in ENDED_STATUSES else "choose another")
                 raise RefusedError(f"RUN_ID={run_id!r}: the finished run in {cfg.out_dir} has this "
-                                   "id; choose another")
+                                   f"id (status {ended}); {way}")
         if os.path.exists(os.path.join(cfg.out_dir, "runs", run_id)):
             raise RefusedError(f"RUN_ID={run_id!r}: a finished run with this id is archived in "
                                f"{os.path.join(cfg.out_dir, 'runs', run_id)}; choose another")
