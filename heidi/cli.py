@@ -304,6 +304,9 @@ COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if getattr(sys, "frozen", False):
+        from .bootloader import die_with_bootloader
+        die_with_bootloader()
     parser = build_parser()
     args = None
     try:

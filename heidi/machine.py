@@ -58,8 +58,8 @@ def owned_paths(cfg: Config) -> list[str]:
     for name in names:
         if name.startswith(("state.json.corrupt-", "events.jsonl.torn-")):
             paths.add(name)
-    protected = {os.path.realpath(p) for p in (cfg.config_path, cfg.scripts_dir, cfg.repo_root)
-                 if p}
+    scripts = os.path.realpath(cfg.scripts_dir)
+    protected = {os.path.realpath(p) for p in (cfg.config_path, scripts, cfg.repo_root) if p}
     try:
         fh = open(cfg.journal_path, "rb")
     except FileNotFoundError:
@@ -78,7 +78,8 @@ def owned_paths(cfg: Config) -> list[str]:
                         or rel in ("events.jsonl", "state.json")):
                     continue
                 real = os.path.realpath(os.path.join(out, rel))
-                if real in protected or any(p.startswith(real + os.sep) for p in protected):
+                if (real in protected or any(p.startswith(real + os.sep) for p in protected)
+                        or real.startswith(scripts + os.sep)):
                     continue  # never the config file or the scripts, nor a directory holding them
                 paths.add(rel)
     return sorted(paths)
