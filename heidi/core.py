@@ -73,6 +73,8 @@ def run(config: Config, mode: str | None = None,
             if view["state"] in ("IDLE", "ERROR") and not view["paused"]:
                 return view
             if view["paused"]:
+                if interrupt:
+                    raise interrupt.error("the paused run was left as it is")
                 time.sleep(poll_s)
                 continue
             machine.tick()

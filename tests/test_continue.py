@@ -208,3 +208,40 @@ def test_cli_continue_and_the_error_line_names_the_way_out(tmp_path):
     kinds = types(make_config(tmp_path, OUT_DIR=out))
     assert kinds.count("pipeline_start") == 1 and kinds[-1] == "pipeline_complete"
     assert heidi_cli("verify", "--out-dir", out).returncode == 0
+
+
+def test_a_signal_to_heidi_run_waiting_while_paused_ends_it(tmp_path):
+    """A paused foreground `heidi run` waits for resume; a signal ends the wait (exit 128+N) and
+    journals nothing: the run stays paused."""
+    import subprocess
+    import sys
+    import time
+
+    from cli_helpers import clean_env, empty_cwd
+    out = str(tmp_path / "out")
+    env = clean_env(OUT_DIR=out, ROUNDS="1", HEIDI_MOCK_SUBPROCESSES="1", HEIDI_FSYNC="0")
+    assert subprocess.run([sys.executable, "-m", "heidi", "start"], env=env, cwd=empty_cwd(),
+                          capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "heidi", "pause"], env=env, cwd=empty_cwd(),
+                          capture_output=True, timeout=60).returncode == 0
+    cfg = make_config(tmp_path, OUT_DIR=out)
+    count = len(types(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "heidi", "run"], env=env, cwd=empty_cwd(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        from heidi.lock import lock_holder
+        deadline = time.monotonic() + 30
+        while lock_holder(cfg.lock_path) != proc.pid:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert "SIGTERM" in proc.stderr.read()
+    assert len(types(cfg)) == count
+    assert core_status(cfg)["status"] == "paused"
