@@ -14,6 +14,7 @@ from typing import Any
 
 from . import control
 from ._fast import chain as _chain
+from .archive import owned_paths
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
@@ -29,8 +30,6 @@ from .status import StatusWriter, read_state, status_view
 _ACTION_EVENTS = {"pause": ("pipeline_pause", "Paused; ticks do nothing until resumed"),
                   "resume": ("pipeline_resume", "Resumed"),
                   "train_now": ("train_now", "Train now requested; finalizing the collected data")}
-# heidi's own files in OUT_DIR that belong to no run: never archived.
-_SHARED = frozenset(("heidi.lock", "runs", "control", "heidi.pid", "daemon.json", "daemon.log"))
 
 
 def mock_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
@@ -40,49 +39,6 @@ def mock_stage(ctx: StageContext, stage: str, round_: int) -> StageOutcome:
         "memory_mb_delta": 1.0 + seed / 4, "cpu_pct": 10.0 + seed,
         "system_mem_available_kb_delta": -1024 * (seed + 1), "system_cpu_pct": 5.0 + seed / 2,
         "wall_ms": 0.0})
-
-
-def owned_paths(cfg: Config) -> list[str]:
-    """What the run in cfg.out_dir owns besides events.jsonl and state.json, relative to OUT_DIR,
-    sorted (a directory before what is inside it): the damaged or torn copies heidi set aside,
-    and every artifact path its journal recorded that lies inside OUT_DIR.
-
-    Read leniently (an unreadable line gives nothing), and never the config file, the scripts,
-    a hidden top-level entry or heidi's shared files, whatever a line says."""
-    out = cfg.out_dir
-    paths = set()
-    try:
-        names = os.listdir(out)
-    except FileNotFoundError:
-        return []
-    for name in names:
-        if name.startswith(("state.json.corrupt-", "events.jsonl.torn-")):
-            paths.add(name)
-    scripts = os.path.realpath(cfg.scripts_dir)
-    protected = {os.path.realpath(p) for p in (cfg.config_path, scripts, cfg.repo_root) if p}
-    try:
-        fh = open(cfg.journal_path, "rb")
-    except FileNotFoundError:
-        return sorted(paths)
-    with fh:
-        for line in fh:
-            event, _ = _chain.parse_line(line)
-            if not isinstance(event, dict) or not isinstance(event.get("artifact_paths"), list):
-                continue
-            for path in event["artifact_paths"]:
-                if not isinstance(path, str) or not path or "\0" in path:
-                    continue
-                rel = os.path.normpath(os.path.relpath(path, out) if os.path.isabs(path) else path)
-                top = rel.split(os.sep, 1)[0]
-                if (rel in (".", "..") or top == ".." or top.startswith(".") or top in _SHARED
-                        or rel in ("events.jsonl", "state.json")):
-                    continue
-                real = os.path.realpath(os.path.join(out, rel))
-                if (real in protected or any(p.startswith(real + os.sep) for p in protected)
-                        or real.startswith(scripts + os.sep)):
-                    continue  # never the config file or the scripts, nor a directory holding them
-                paths.add(rel)
-    return sorted(paths)
 
 
 class Machine:

@@ -12,7 +12,8 @@ from heidi.config import Config
 from heidi.errors import ConfigError
 from heidi.journal import JournalWriter, read_events, verify_run
 from heidi.loop import StageOutcome
-from heidi.machine import Machine, mock_stage, owned_paths
+from heidi.archive import owned_paths
+from heidi.machine import Machine, mock_stage
 
 from cli_helpers import heidi_cli
 from helpers_loop import check_run, make_config
