@@ -1,7 +1,8 @@
 """The `heidi` command line: parse, call heidi.core / heidi.machine, print, exit.
 
 Exit codes (design.md §9): 0 ok, 1 run failed / verification failed / action refused,
-2 bad usage or configuration, 75 another process holds the run.
+2 bad usage or configuration, 75 another process holds the run, 128+N a signal N ended the
+process (the run stays interrupted: the next run, tick or daemon continues it).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--json", action="store_true")
     p = cmd("tick", "perform one transition (cron-safe: silent on success, 75 if the run is held)")
     p.add_argument("--steps", type=int, default=1, metavar="N", help="up to N transitions (default 1)")
-    p = cmd("run", "start a run if none, then tick until IDLE or ERROR")
+    p = cmd("run", "start a run if none (or continue the interrupted one), then tick until IDLE or ERROR")
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
     p = cmd("status", "show the run's state (read without the lock)")
@@ -116,7 +117,9 @@ def build_parser() -> "argparse.ArgumentParser":
     for name, help_ in (("stop", "stop the run (ends a running stage)"),
                         ("pause", "pause: ticks do nothing until resumed"),
                         ("resume", "resume a paused run"),
-                        ("train-now", "collect mode: train on what was collected")):
+                        ("train-now", "collect mode: train on what was collected"),
+                        ("continue", "a run in ERROR or stopped goes on in its run_id, from the "
+                         "stage that failed or was stopped")):
         p = cmd(name, help_)
         p.add_argument("--json", action="store_true")
     p = cmd("verify", "strictly check a journal: schema, chain and head")
@@ -171,11 +174,18 @@ def _status_line(view: dict[str, Any]) -> str:
         line += f", pending: {' '.join(view['pending_requests'])}"
     if view.get("last_error") and view["state"] == "ERROR":
         line += f"; error: {view['last_error']}"
+    if view.get("interrupted"):
+        line += (f"; no heidi process holds it: the next `heidi run`, tick or daemon runs "
+                 f"{view.get('stage') or 'the stage'} again")
     return line
 
 
+WAY_OUT = "`heidi continue` runs it again in the same run, `heidi start` begins a new run"
+
+
 def _failed_line(view: dict[str, Any]) -> str:
-    return f"run {view['run_id']} failed in {view.get('stage') or 'pipeline'}: {view.get('last_error')}"
+    return (f"run {view['run_id']} failed in {view.get('stage') or 'pipeline'}: "
+            f"{view.get('last_error')}; {WAY_OUT}")
 
 
 def _exit_for(view: dict[str, Any]) -> int:
@@ -229,6 +239,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress.done()
     if args.json:
         _print_json(view)
+    elif view.get("already_completed"):
+        where = f" (archived in {view['archived']})" if view.get("archived") else ""
+        print(f"run {view['run_id']} already completed{where}: {view['round']}/{view['rounds']} "
+              "rounds; nothing to do")
     elif view["state"] == "ERROR":
         print(f"heidi: {_failed_line(view)}", file=sys.stderr)
     elif sys.stdout.isatty():
@@ -376,11 +390,15 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_status,
             "stop": cmd_action, "pause": cmd_action, "resume": cmd_action, "train-now": cmd_action,
+            "continue": cmd_action,
             "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init,
             "daemon": cmd_daemon, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if getattr(sys, "frozen", False):
+        from .bootloader import die_with_bootloader
+        die_with_bootloader()
     args: Any = None
     try:
         args = _fast_parse(sys.argv[1:] if argv is None else list(argv))

@@ -110,6 +110,22 @@ def _url(name: str, raw: Any) -> str:
     return value
 
 
+def _out_dir(name: str, raw: Any) -> str:
+    """OUT_DIR: any directory but / and the home directory itself (compared as real paths).
+
+    heidi shares OUT_DIR with whatever else is there and archives only its own files, but a run
+    spread over / or ~ would mix its logs/ and data/ with the whole system's or the user's own."""
+    path = _path(name, raw)
+    real = os.path.realpath(path)
+    home = os.path.expanduser("~")
+    if real == os.path.realpath(os.sep):
+        raise ConfigError(f"{name}={raw!r}: must not be / (give a directory of its own, e.g. ~/heidi-run)")
+    if home not in ("", "~") and real == os.path.realpath(home):
+        raise ConfigError(f"{name}={raw!r}: must not be the home directory itself "
+                          "(give a directory of its own, e.g. ~/heidi-run)")
+    return path
+
+
 def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def wrapped(name: str, raw: Any) -> Any:
         if raw is None or (isinstance(raw, str) and raw.strip() == ""):
@@ -121,7 +137,7 @@ def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
 # name: (attribute, parser, default). Ranges are generous: they catch garbage, not ambition.
 SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any], Any]] = {
     "RUN_ID": ("run_id", _run_id, None),
-    "OUT_DIR": ("out_dir", _path, "~/.local/heidi_engine"),
+    "OUT_DIR": ("out_dir", _out_dir, "~/.local/heidi_engine"),
     "HEIDI_REPO_ROOT": ("repo_root", _path, None),
     "HEIDI_MODE": ("mode", _choice(*MODES), "full"),
     "ROUNDS": ("rounds", _int(1, 1_000_000), 3),

@@ -4,12 +4,14 @@ Knows nothing of argv or terminals; the CLI formats what these functions return.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from .config import Config
 from .errors import RefusedError, RunLocked
+from .interrupt import Interrupt, signals_interrupt
 from .limits import apply_limits
 from .lock import lock_holder
 from ._fast._supervise_cgroup import running_containment
@@ -20,40 +22,45 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 
-def _machine(config: Config) -> "Machine":
+def _machine(config: Config, interrupt: Interrupt | None = None) -> "Machine":
     # heidi.machine (the journal, the chain's compiled module) loads only for commands that
     # take the run: `heidi status` reads state.json without it
     from .machine import Machine
-    return Machine(config)
+    return Machine(config, interrupt=interrupt)
 
 
-ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied"}
+ACTION_DONE = {"stop": "stopped", "pause": "paused", "resume": "resumed", "train_now": "train-now applied",
+               "continue": "continuing"}
 
 
 def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> dict[str, Any]:
     """Take the lock and perform up to `steps` transitions; RunLocked if another process holds it.
 
     machine: one kept from an earlier call (Core does), whose state in memory is reused when
-    the run's files did not change in between.
+    the run's files did not change in between. SIGTERM, SIGINT or SIGHUP meanwhile end the
+    running stage and raise Interrupted: the run is left interrupted, for the next tick to
+    continue.
     """
     apply_limits(config)
     kept = machine is not None
-    machine = machine or _machine(config)
-    machine.open(create=False)
-    try:
-        machine.require_run()
-        for _ in range(steps):
-            if not machine.tick():
-                break
-        return machine.status()
-    except BaseException:
-        machine.close()
-        raise
-    finally:
-        if kept:
-            machine.release()  # the next call reuses the state and the journal's fd
-        else:
+    with signals_interrupt(Interrupt()) as interrupt:
+        machine = machine or _machine(config, interrupt)
+        machine.interrupt = interrupt
+        machine.open(create=False)
+        try:
+            machine.require_run()
+            for _ in range(steps):
+                if not machine.tick():
+                    break
+            return machine.status()
+        except BaseException:
             machine.close()
+            raise
+        finally:
+            if kept:
+                machine.release()  # the next call reuses the state and the journal's fd
+            else:
+                machine.close()
 
 
 def start(config: Config, mode: str | None = None, machine: "Machine | None" = None) -> dict[str, Any]:
@@ -67,12 +74,21 @@ def run(config: Config, mode: str | None = None,
         poll_s: float = 0.5) -> dict[str, Any]:
     """Start a run if there is none (or the last one finished), then tick until IDLE or ERROR.
 
-    While the run is paused it waits for resume or stop, as a foreground loop should.
+    While the run is paused it waits for resume or stop, as a foreground loop should. An
+    interrupted run goes on in its run_id; with RUN_ID naming a run that already completed (here
+    or archived in runs/) nothing happens: the view says so ("already_completed"). A signal ends
+    the running stage and raises Interrupted, leaving the run interrupted.
     """
     apply_limits(config)
+    done = _completed_run(config)
+    if done is not None:
+        return done
     # Taking the run for a long stay: the whole chain is checked, not only its head.
-    with _machine(config).open(verify_chain=True) as machine:
+    with signals_interrupt(Interrupt()) as interrupt, \
+            _machine(config, interrupt).open(verify_chain=True) as machine:
         state = machine.state
+        if state is not None and state["status"] == "completed" and state["run_id"] == config.run_id:
+            return {**machine.status(), "already_completed": True}  # completed since we looked
         if state is None or state["status"] in ("completed", "stopped"):
             machine.start(mode)
         while True:
@@ -83,9 +99,30 @@ def run(config: Config, mode: str | None = None,
             if view["state"] in ("IDLE", "ERROR") and not view["paused"]:
                 return view
             if view["paused"]:
+                if interrupt:
+                    raise interrupt.error("the paused run was left as it is")
                 time.sleep(poll_s)
                 continue
             machine.tick()
+
+
+def _completed_run(config: Config) -> dict[str, Any] | None:
+    """The status of the completed run named by RUN_ID, in OUT_DIR or archived, else None."""
+    if config.run_id is None:
+        return None
+    state = read_state(config.state_path)
+    if state is not None and state.get("run_id") == config.run_id:
+        if state.get("status") != "completed":
+            return None
+        return {**status(config), "already_completed": True}
+    archived = os.path.join(config.out_dir, "runs", config.run_id)
+    state = read_state(os.path.join(archived, "state.json"))
+    if state is None or state.get("run_id") != config.run_id or state.get("status") != "completed":
+        return None
+    view = status_view(state, config)
+    view.update(already_completed=True, archived=archived, pending_requests=[],
+                out_dir=config.out_dir)
+    return view
 
 
 def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
@@ -180,6 +217,10 @@ class Core:
 
     def stop(self) -> str:
         return control_action(self._cfg(), "stop")[0]
+
+    def continue_run(self) -> str:
+        """A run in ERROR or stopped goes on in its run_id (`heidi continue`)."""
+        return control_action(self._cfg(), "continue")[0]
 
     def shutdown(self) -> None:
         """Release everything; the run stays on disk where it is."""

@@ -39,6 +39,7 @@ TRANSITIONS: dict[tuple[str, str], tuple[str, str]] = {
     ("FINALIZING", "failed"):   ("ERROR",      "ERROR"),
 }
 ACTIVE_STATUSES = ("running", "idle", "paused")  # a run that is not over
+ENDED_STATUSES = ("error", "stopped")  # a run that ended early: `continue` takes it up again
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ ACTIONS: dict[str, ActionRule] = {
                             "train-now applies in collect mode waiting in IDLE; run {run_id} is "
                             "in {mode} mode, state {state}, status {status}",
                             mode="collect", state="IDLE"),
+    "continue":  ActionRule(ENDED_STATUSES,         (),                 ENDED_STATUSES,
+                            "run {run_id} is {status}; only a run in ERROR or stopped can continue "
+                            "(an interrupted run goes on by itself with the next tick, `heidi run` "
+                            "or daemon)"),
 }
 
 
@@ -146,12 +151,18 @@ def empty_state() -> dict[str, Any]:
         "paused": False, "stop_requested": False, "pause_requested": False,
         "counters": {}, "usage": {}, "started_at": None, "updated_at": None,
         "journal": {"events": 0, "head": None, "bytes": 0}, "last_error": None,
+        "continue_from": None,
     }
 
 
 def _add(total: dict, delta: dict) -> None:
     for key, value in delta.items():
         total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else total.get(key, 0) + value
+
+
+def _continue_point(state: dict[str, Any]) -> dict[str, Any]:
+    """Where `continue` takes a run up again: the state and stage status it ended in."""
+    return {"state": state["state"], "stage_status": state["stage_status"]}
 
 
 def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
@@ -163,6 +174,7 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     if event["usage_delta"]:
         _add(state["usage"], event["usage_delta"])
     if kind == "pipeline_start":
+        state["continue_from"] = None
         match = _START_RE.search(event["message"])
         if match is None:
             raise StateError("pipeline_start event does not record mode, rounds and run_unit_tests")
@@ -195,11 +207,22 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
             if nxt == "IDLE" and not state["paused"]:
                 state["status"] = "idle"  # collect mode: waiting for train-now
     elif kind == "pipeline_error":
+        state["continue_from"] = _continue_point(state)
         state.update(state="ERROR", status="error", stage_status=None, last_error=event["error"],
                      paused=False, pause_requested=False)
     elif kind == "pipeline_stop":
+        state["continue_from"] = _continue_point(state)
         state.update(state="IDLE", status="stopped", stage_status=None, stop_requested=False,
                      paused=False, pause_requested=False)
+    elif kind == "pipeline_continue":
+        point = state.get("continue_from") or {"state": "IDLE", "stage_status": None}
+        stage_status = point["stage_status"]
+        if stage_status == "running":
+            stage_status = "pending"  # the stage was ended (failed or stopped): it runs again
+        state.update(state=point["state"], stage_status=stage_status, continue_from=None,
+                     current_stage=STAGE_OF.get(point["state"], state["current_stage"]),
+                     status="running" if point["state"] in STAGE_OF else "idle",
+                     paused=False, pause_requested=False, stop_requested=False)
     elif kind == "pipeline_complete":
         state.update(state="IDLE", status="completed", stage_status=None, current_stage=None,
                      paused=False, pause_requested=False)

@@ -6,21 +6,25 @@ can always be rebuilt from events.jsonl.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import shutil
 from typing import Any
 
 from . import control
 from ._fast._chain_types import JournalError
+from .archive import owned_paths
 from .clock import Clock, clock_from_env
 from .config import MODES, Config
 from .errors import RefusedError, StateError
+from .interrupt import Interrupt
 from .journal import (Head, JournalChanged, JournalWriter, LazyModule, changed_at, head_matches,
                       line_before, read_tail, verify_journal, verify_run)  # noqa: F401
 from .lock import RunLock
-from .loop import (ACTIVE_STATUSES, NEXT_ROUND, STAGE_OF, STATE_OF, STATES, TRANSITIONS,  # noqa: F401
-                   StageContext, StageOutcome, StageRunner, apply_event, empty_state,
-                   judge_action, new_run_id, next_state)
+from .loop import (ACTIVE_STATUSES, ENDED_STATUSES, NEXT_ROUND, STAGE_OF,  # noqa: F401
+                   STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome, StageRunner,
+                   apply_event, empty_state, judge_action, new_run_id, next_state)
 from .status import StatusWriter, fingerprint, read_state, status_view
 
 _chain = LazyModule("heidi._fast.chain")
@@ -51,8 +55,10 @@ class Machine:
     """One run in one OUT_DIR. Use open() (takes the lock), then start()/tick()/actions, close()."""
 
     def __init__(self, config: Config, clock: Clock | None = None,
-                 stage_runner: StageRunner | None = None) -> None:
+                 stage_runner: StageRunner | None = None, interrupt: Interrupt | None = None) -> None:
         self.config = config
+        # Set by a signal: the running stage ends and the run is left interrupted (not stopped).
+        self.interrupt = interrupt if interrupt is not None else Interrupt()
         self.clock = clock or clock_from_env()
         if stage_runner is None:
             stage_runner = mock_stage if config.mock_subprocesses else _real_stage
@@ -294,8 +300,11 @@ class Machine:
                                    f"(state {self.state['state']}); stop it first or use another --out-dir")
             if run_id == self.state["run_id"]:
                 # checked before archiving: a refused start leaves the finished run where it is
+                ended = self.state["status"]
+                way = ("`heidi continue` takes it up again, or choose another id"
+                       if ended in ENDED_STATUSES else "choose another")
                 raise RefusedError(f"RUN_ID={run_id!r}: the finished run in {cfg.out_dir} has this "
-                                   "id; choose another")
+                                   f"id (status {ended}); {way}")
         if os.path.exists(os.path.join(cfg.out_dir, "runs", run_id)):
             raise RefusedError(f"RUN_ID={run_id!r}: a finished run with this id is archived in "
                                f"{os.path.join(cfg.out_dir, 'runs', run_id)}; choose another")
@@ -312,23 +321,40 @@ class Machine:
         return self.state
 
     def _archive(self) -> None:
-        """Move a finished run's files to OUT_DIR/runs/<run_id>/ so a new run starts clean."""
+        """Move a finished run's own files to OUT_DIR/runs/<run_id>/ so a new run starts clean.
+
+        What a run owns is read from its journal (state.json is only a cache): heidi's fixed
+        files plus every path inside OUT_DIR that an event recorded in artifact_paths. Anything
+        else in OUT_DIR (heidi.toml, scripts/, a user's notes or data) stays where it is."""
         assert self.state is not None
+        cfg = self.config
+        owned = owned_paths(cfg)  # read before the journal moves
         if self.journal is not None:
             self.journal.close()
             self.journal = None
-        cfg = self.config
         dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
         os.makedirs(dest, mode=0o700, exist_ok=True)
-        keep = {"heidi.lock", "runs", "control", "heidi.toml", "heidi.pid", "daemon.json", "daemon.log"}
         # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
         # a journal to rebuild the state from, or no run at all (never a state without its journal)
-        names = sorted(os.listdir(cfg.out_dir),
-                       key=lambda n: (n != "state.json", n == "events.jsonl", n))
-        for name in names:
-            if name in keep:
+        moved: list[str] = []
+        for rel in ["state.json"] + owned + ["events.jsonl"]:
+            if any(rel.startswith(done + "/") for done in moved):
+                continue  # inside a directory already moved
+            src = os.path.join(cfg.out_dir, rel)
+            if not os.path.lexists(src):
                 continue
-            os.rename(os.path.join(cfg.out_dir, name), os.path.join(dest, name))
+            target = os.path.join(dest, rel)
+            if os.sep in rel:
+                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            try:
+                os.rename(src, target)  # a file replaces its copy from an archive cut short
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                    continue  # an archive cut short and resumed: the first move won
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(src, target)  # a path on another filesystem (a symlinked data/)
+            moved.append(rel)
         for path, _ in control.pending(cfg.control_dir):
             control.consume(path)  # requests aimed at the finished run
         self.state, self._seen = None, None
@@ -339,9 +365,14 @@ class Machine:
             raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`")
         return self.state
 
-    def apply_requests(self) -> None:
-        """Apply queued control requests (oldest first); refused ones are dropped with a warn."""
+    def apply_requests(self, before_stop: bool = False) -> None:
+        """Apply queued control requests in arrival order; refused ones are dropped with a warn.
+
+        before_stop: only those that arrived before the first queued stop (a stop that ended a
+        stage is applied after what was asked before it)."""
         for path, action in control.pending(self.config.control_dir):
+            if before_stop and action == "stop":
+                return
             try:
                 self.act(action)
             except RefusedError as exc:
@@ -364,6 +395,8 @@ class Machine:
                 self._advance_round()
             self._save()
             return True
+        if self.interrupt:
+            raise self.interrupt.error()  # a signal came between stages: start no other
         if state["stage_status"] == "running":
             # The process that ran this stage died mid-stage: record it, then run it again.
             self._emit("stage_interrupted", f"{state['current_stage']} was interrupted "
@@ -377,16 +410,34 @@ class Machine:
         assert state is not None
         machine_state, round_ = state["state"], state["current_round"]
         stage = STAGE_OF[machine_state]
-        self._emit("stage_start", f"Starting {stage}", stage=stage)
-        if not self.config.mock_subprocesses:
+        if self.config.mock_subprocesses:
+            self._emit("stage_start", f"Starting {stage}", stage=stage)
+        else:
+            from .stages import stage_paths
+            # What the stage will write, and the topmost directory heidi is about to create for
+            # it, become the run's own (archived with it, never a user's file) before they exist.
+            make, owned = stage_paths(self.config, stage, round_, state["run_id"] or "")
+            self._emit("stage_start", f"Starting {stage}", stage=stage, artifact_paths=owned)
             self._save()  # a crash from here on is seen as an interrupted stage
+            for path in make:
+                os.makedirs(path, mode=0o700, exist_ok=True)
         ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))
         outcome = self.stage_runner(ctx, stage, round_)
+        if outcome.stopped and self.interrupt and not control.stop_pending(self.config.control_dir):
+            # A signal ended the process, not the run: the stage stays "running" in the state,
+            # so the next holder journals stage_interrupted and runs it again.
+            self._emit("pipeline_interrupted", f"{self.interrupt.name} ended {stage} (round "
+                       f"{round_}); the run is interrupted, the next heidi process runs {stage} "
+                       "again", stage=stage, level="warn", usage_delta=outcome.usage_delta)
+            self._save()
+            raise self.interrupt.error(f"{stage} was ended")
         if outcome.stopped:
-            self._emit("pipeline_stop", f"Stopped during {stage}; the stage was terminated",
-                       stage=stage, level="warn", usage_delta=outcome.usage_delta)
+            self.apply_requests(before_stop=True)  # arrival order: what was asked before the stop
+            if state["status"] in ACTIVE_STATUSES:
+                self._emit("pipeline_stop", f"Stopped during {stage}; the stage was terminated",
+                           stage=stage, level="warn", usage_delta=outcome.usage_delta)
             self._drop_requests("stop")
         elif outcome.ok:
             self._emit("script_success", f"{stage} succeeded", stage=stage, level="success",
@@ -431,6 +482,13 @@ class Machine:
         if action == "stop":
             self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
                        stage=state["current_stage"] or "pipeline")
+        elif action == "continue":
+            point = state.get("continue_from") or {}
+            ended = "failed" if state["status"] == "error" else "stopped"
+            where = (f"; {STAGE_OF[point['state']]} of round {state['current_round']} goes on"
+                     if point.get("state") in STAGE_OF else "")
+            self._emit("pipeline_continue", f"Continuing the {ended} run {state['run_id']}{where}",
+                       stage=state["current_stage"] or "pipeline")
         else:
             self._emit(*_ACTION_EVENTS[action])
         self._save()
@@ -441,8 +499,9 @@ class Machine:
                 control.consume(path)
 
     def stop_requested(self) -> bool:
-        """A stop waits in the control queue (checked by stage runners several times a second)."""
-        return control.stop_pending(self.config.control_dir)
+        """A stop waits in the control queue, or a signal came (checked by stage runners several
+        times a second): end the running stage."""
+        return bool(self.interrupt) or control.stop_pending(self.config.control_dir)
 
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

@@ -76,6 +76,47 @@ def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
     return env
 
 
+def _topmost_missing(path: str, root: str) -> str | None:
+    """The highest directory on the way from root to path that does not exist yet (None: path
+    exists). Only below root."""
+    top = None
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path or os.path.commonpath([parent, root]) != root:
+            break
+        top, path = path, parent
+    return top
+
+
+def stage_paths(cfg: "Config", stage: str, round_: int, run_id: str = "") -> tuple[list[str], list[str]]:
+    """(directories to make before the stage, what the run owns by running it, relative to
+    OUT_DIR). Owned: the topmost directory heidi is about to create for the round (data/,
+    eval/, logs/round_R; "logs" itself when there is no logs/ yet), and the files heidi and the
+    stage write -- its log, the train/val split, every --output of its command -- unless inside
+    one of those new directories. Only paths inside OUT_DIR; the archive moves exactly these."""
+    out = cfg.out_dir
+    make = [cfg.data_dir, cfg.eval_dir, os.path.join(cfg.logs_dir, f"round_{round_}")]
+    new_dirs = [top for top in (_topmost_missing(p, out) for p in make) if top is not None]
+    files = [os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log")]
+    if stage == "train":
+        files += [os.path.join(cfg.data_dir, f"{kind}_round_{round_}.jsonl") for kind in ("train", "val")]
+    values = placeholders(cfg, round_)
+    values["run_id"] = run_id
+    try:
+        files += _outputs(build_argv(cfg.stages[stage].command, values), out)
+    except (KeyError, ValueError):
+        pass  # a command that cannot be built fails in the stage itself, with its own message
+    owned: list[str] = []
+    for path in dict.fromkeys(new_dirs + files):
+        rel = os.path.relpath(os.path.abspath(path), out)
+        if rel == "." or rel.split(os.sep, 1)[0] == "..":
+            continue  # outside OUT_DIR: not the run's to move
+        if any(rel.startswith(os.path.relpath(d, out) + os.sep) for d in new_dirs):
+            continue  # inside a directory the run owns whole
+        owned.append(rel)
+    return make, owned
+
+
 def split_round(cfg: "Config", round_: int) -> tuple[str, str, int, int]:
     """FINALIZING's split of the round's data into train/val files, deterministic for SEED.
 

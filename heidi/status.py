@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from . import control
 from ._fast import atomic as _atomic
 from .errors import StateError
+from .lock import lock_holder
 
 if TYPE_CHECKING:
     from .config import Config
@@ -72,15 +73,27 @@ def read_state(path: str) -> dict[str, Any] | None:
     return state
 
 
-def status_view(state: dict[str, Any] | None, config: "Config") -> dict[str, Any]:
-    """What `heidi status --json` and the API show: the state plus pending control requests."""
+def interrupted(state: dict[str, Any] | None, config: Config) -> bool:
+    """A stage was in flight and no process holds the run: its process was stopped or died, and
+    the next tick, `heidi run` or daemon runs the stage again."""
+    return (state is not None and state.get("status") == "running"
+            and state.get("stage_status") == "running" and lock_holder(config.lock_path) is None)
+
+
+def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
+    """What `heidi status --json` and the API show: the state plus pending control requests.
+
+    status is "interrupted" (and interrupted true) for a run whose stage was in flight when its
+    process ended; the state on disk still says running, for the next holder to take up."""
     pending = [a for _, a in control.pending(config.control_dir)]
     if state is None:
         return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
                 "stage": None, "paused": False, "out_dir": config.out_dir,
                 "pending_requests": pending}
+    stale = interrupted(state, config)
     view = {
-        "run_id": state["run_id"], "state": state["state"], "status": state["status"],
+        "run_id": state["run_id"], "state": state["state"],
+        "status": "interrupted" if stale else state["status"], "interrupted": stale,
         "round": state["current_round"], "rounds": state["rounds"], "mode": state["mode"],
         "stage": state["current_stage"], "stage_status": state["stage_status"],
         "paused": state["paused"],

@@ -251,27 +251,29 @@ def test_collect_mode_run_through_the_api(start_daemon, tmp_path):
     assert not os.path.exists(os.path.join(d.out, "daemon.json"))
 
 
-def test_sigterm_stops_the_run_cleanly(start_daemon, tmp_path):
+def test_sigterm_ends_the_process_not_the_run(start_daemon, tmp_path):
+    """SIGTERM (or SIGINT) to a daemon waiting in collect mode: it exits 0, the lock is free, the
+    run is untouched (no pipeline_stop), and the next daemon takes up the same run."""
     d = start_daemon()
-    d.wait_status(lambda v: v["state"] == "IDLE" and v["status"] == "idle", what="IDLE")
+    view = d.wait_status(lambda v: v["state"] == "IDLE" and v["status"] == "idle", what="IDLE")
+    before = d.journal()
     assert d.terminate() == 0
-    events = d.journal()
-    assert events[-1]["event_type"] == "pipeline_stop"
+    assert d.journal() == before  # nothing journaled: the run was only waiting
     from heidi.lock import lock_holder
     assert lock_holder(os.path.join(d.out, "heidi.lock")) is None
     state = orjson.loads(open(os.path.join(d.out, "state.json"), "rb").read())
-    assert state["status"] == "stopped"
+    assert state["status"] == "idle"
     done = heidi(["verify", "--out-dir", d.out], daemon_env(), str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SIGTERM" in d.stderr()
 
-    # a new daemon starts a new run: the stopped one is archived
     d2 = start_daemon()
-    view = d2.wait_status(lambda v: v["state"] == "IDLE" and v["status"] == "idle", what="IDLE")
-    assert view["run_id"] != events[0]["run_id"]
-    assert os.path.isdir(os.path.join(d.out, "runs", events[0]["run_id"]))
+    again = d2.wait_status(lambda v: v["state"] == "IDLE" and v["status"] == "idle", what="IDLE")
+    assert again["run_id"] == view["run_id"]
+    assert not os.path.exists(os.path.join(d.out, "runs"))
     d2.proc.send_signal(signal.SIGINT)
     assert d2.proc.wait(15) == 0
+    assert [e["event_type"] for e in d2.journal()].count("pipeline_start") == 1
 
 
 def test_token_required(start_daemon, tmp_path):
@@ -370,16 +372,24 @@ def test_http_responsive_while_a_stage_runs_and_stop_ends_it(start_daemon, tmp_p
     done = heidi(["verify", "--out-dir", d.out], daemon_env(), str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
 
-    # SIGTERM while a stage runs: the daemon starts a new run (the last one stopped), and its
-    # SIGTERM ends the stage, journals pipeline_stop and exits 0 within grace + 1 s or so
+    # a stopped run goes on with `heidi continue`: the next daemon takes up the same run_id and
+    # generate runs again; SIGTERM then ends the stage, journals a warn (not pipeline_stop) and
+    # exits 0 within grace + 1 s or so, leaving the run interrupted
+    done = heidi(["continue", "--out-dir", d.out], daemon_env(), str(tmp_path))
+    assert done.returncode == 0 and "continuing" in done.stdout, done.stdout + done.stderr
     d2 = start_daemon(env, "--config", str(tmp_path / "heidi.toml"))
     view = d2.wait_status(lambda v: v["state"] == "COLLECTING" and v["stage_status"] == "running",
                           what="generate running again")
-    assert view["run_id"] != events[0]["run_id"]
+    assert view["run_id"] == events[0]["run_id"]
     started = time.monotonic()
     assert d2.terminate() == 0
     assert time.monotonic() - started < 1.0 + 1.0 + 1.5
-    last = d2.journal()[-1]
-    assert last["event_type"] == "pipeline_stop" and last["stage"] == "generate"
+    journal = d2.journal()
+    kinds = [e["event_type"] for e in journal]
+    assert kinds[-3:] == ["pipeline_continue", "stage_start", "pipeline_interrupted"]
+    assert journal[-1]["stage"] == "generate" and "SIGTERM" in journal[-1]["message"]
+    status = heidi(["status", "--json", "--out-dir", d2.out], daemon_env(), str(tmp_path))
+    view = orjson.loads(status.stdout)
+    assert view["status"] == "interrupted" and view["interrupted"] is True
     done = heidi(["verify", "--out-dir", d2.out], daemon_env(), str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr

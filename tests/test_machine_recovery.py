@@ -131,12 +131,21 @@ def test_archive_cut_short_is_recoverable(tmp_path, monkeypatch, crash_after):
     """Killed while archiving a finished run (after some of its files moved): start still works."""
     core = make_core(tmp_path, ROUNDS=1)
     cfg = core.config
-    core.start()
-    core.tick(max_steps=10)
-    for sub in ("logs", "data"):
-        os.makedirs(os.path.join(cfg.out_dir, sub))
-        with open(os.path.join(cfg.out_dir, sub, "x.txt"), "w") as fh:
-            fh.write(sub)
+
+    def runner(ctx, stage, round_):  # a stage that writes (and records) logs/ and data/
+        outcome = mock_stage(ctx, stage, round_)
+        if stage == "generate":
+            for sub in ("logs", "data"):
+                os.makedirs(os.path.join(cfg.out_dir, sub))
+                with open(os.path.join(cfg.out_dir, sub, "x.txt"), "w") as fh:
+                    fh.write(sub)
+            outcome.artifact_paths = ["logs", "data"]
+        return outcome
+
+    with Machine(cfg, stage_runner=runner) as machine:
+        machine.start()
+        while machine.tick():
+            pass
     old_id = status(core)["run_id"]
     dest = os.path.join(cfg.out_dir, "runs", old_id)
     real_rename = os.rename

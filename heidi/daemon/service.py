@@ -1,5 +1,7 @@
 """The daemon's life in one process: the loop thread (the only one that touches the Machine), the
-HTTP threads, the signals (SIGTERM/SIGINT stop the run, SIGHUP reopens the log), daemon.json."""
+HTTP threads, the signals (SIGTERM/SIGINT, and SIGHUP in the foreground, end the process but not
+the run: the stage ends, the run stays interrupted; SIGHUP reopens a detached daemon's log),
+daemon.json."""
 from __future__ import annotations
 
 import os
@@ -17,8 +19,9 @@ from .._version import __version__
 from ..config import Config
 from ..core import status as core_status
 from ..errors import HeidiError, RefusedError, one_line
+from ..interrupt import Interrupt, Interrupted
 from ..limits import apply_limits
-from ..loop import ACTIVE_STATUSES, STATES, judge_action
+from ..loop import STATES, judge_action
 from ..machine import Machine
 from ..status import read_state, status_view
 from .api import Server, make_server, url
@@ -49,6 +52,7 @@ class Daemon:
         self._signal_name = ""
         self._action_lock = threading.Lock()
         self.auth = Auth(config)
+        self.interrupt = Interrupt()  # set by a signal: the Machine ends its stage, keeps the run
 
     # -- logging (stderr, the log file when detached); never the token, never headers ------------
     def log(self, message: str) -> None:
@@ -110,6 +114,8 @@ class Daemon:
                     machine.tick()
                 else:
                     self._stopping.wait(LOOP_IDLE_S)
+        except Interrupted:
+            return  # the signal ended the stage; the run stays interrupted for the next daemon
         except BaseException as exc:
             self.loop_error = one_line(exc)
             self.log(f"heidi daemon: the loop failed: {self.loop_error}")
@@ -121,6 +127,7 @@ class Daemon:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         self._signal_name = signal.Signals(signum).name
+        self.interrupt.set(signum)  # the loop thread's stage runner sees it within 0.25 s
         self._wake.set()
 
     def _on_hup(self, signum: int, frame: Any) -> None:
@@ -130,8 +137,9 @@ class Daemon:
     def serve(self) -> int:
         """Take the run, serve until SIGTERM/SIGINT (or the loop fails); the exit code."""
         handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        if self.log_file:
-            handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup)
+        # Detached, SIGHUP is logrotate's "reopen your log"; in the foreground, the terminal went away.
+        handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hup if self.log_file
+                                                else self._on_signal)
         try:
             return self._serve()
         finally:
@@ -144,7 +152,7 @@ class Daemon:
         apply_limits(cfg)
         # RunLocked: another process holds the run. Taken for a long stay: the whole chain is
         # checked, and each append checks the journal is still the size this process left it.
-        machine = Machine(cfg).open(verify_chain=True)
+        machine = Machine(cfg, interrupt=self.interrupt).open(verify_chain=True)
         if not cfg.mock_subprocesses:
             # Fork the stage watchdog now, while this process is still single-threaded.
             from .._fast.supervise import ensure_watchdog
@@ -191,14 +199,10 @@ class Daemon:
         while not self._wake.wait(1.0):
             pass
         if self.loop_error is None:
-            self.log(f"heidi daemon: {self._signal_name or 'signal'} received, stopping")
-            try:
-                state = read_state(self.config.state_path)
-                if state is not None and state.get("status") in ACTIVE_STATUSES:
-                    # a SIGTERM'd daemon leaves its run stopped: the stage ends, pipeline_stop
-                    control.request(self.config.control_dir, "stop")
-            except (HeidiError, OSError) as exc:
-                self.log(f"heidi daemon: cannot queue the stop: {one_line(exc)}")
+            # The process stops, the run does not: a running stage ends (the Machine saw the
+            # interrupt) and the next daemon, tick or `heidi run` continues the same run.
+            self.log(f"heidi daemon: {self._signal_name or 'signal'} received, exiting; the run "
+                     "stays as it is (a running stage is ended and runs again next time)")
         self._stopping.set()
         forced = False
         seen = self._signals

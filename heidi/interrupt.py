@@ -1,0 +1,76 @@
+"""Signals end the process, never the run: SIGTERM, SIGINT or SIGHUP to `heidi run`, `tick` or
+`daemon` ends the running stage (grace, then kill) and leaves the run interrupted, for the next
+heidi process to continue in the same run_id. Only `heidi stop` ends a run."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from .errors import HeidiError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class Interrupted(HeidiError):
+    """The process was told to end by a signal; the run stays resumable. Exit code 128 + signal,
+    as a shell reports a process that a signal ended."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class Interrupt:
+    """Set once by a signal handler (or by the daemon's main thread); read by the holder of the
+    run, whose stage runner polls it with the stop requests."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def set(self, signum: int) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal_name(self.signum) if self.signum is not None else ""
+
+    def error(self, what: str = "") -> Interrupted:
+        assert self.signum is not None
+        return Interrupted(self.signum, f"{self.name}: {what or 'stopped between stages'}; the run "
+                           "is interrupted, not stopped: the next `heidi run`, tick or daemon "
+                           "continues it")
+
+
+@contextmanager
+def signals_interrupt(interrupt: Interrupt, signals: tuple[int, ...] = SIGNALS) -> Iterator[Interrupt]:
+    """While inside, the signals set `interrupt` instead of ending the process (main thread only;
+    elsewhere nothing changes). The previous handlers come back on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        interrupt.set(signum)
+
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, handler)
+        yield interrupt
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
