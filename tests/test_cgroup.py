@@ -78,7 +78,10 @@ def _none_left(marker: str, within_s: float) -> list[int]:
 
 
 def _stage_dirs(parent: str) -> set[str]:
-    return {n for n in os.listdir(parent) if n.startswith(cg.PREFIX)}
+    """This process's stage cgroups (other test runs on the machine may have theirs beside)."""
+    from heidi._fast import _supervise_core
+    own = cg.PREFIX + _supervise_core._new_token()[:-8]  # the token prefix of this process
+    return {n for n in os.listdir(parent) if n.startswith(own)}
 
 
 # ---- finding the hierarchy -----------------------------------------------------------------------
