@@ -19,13 +19,16 @@ from .http1 import (MAX_HEAD_BYTES, BadRequest, Request, Response, body_length, 
 
 KEEPALIVE_IDLE_S = 5.0       # an idle keep-alive connection is closed after this (or the deadline)
 MAX_CONNECTIONS = 1024
+MIN_CONNECTIONS = 8
 FD_RESERVE = 128             # left to the loop: journal, /proc, stage pipes, pidfds, cgroup files
 WORKERS = 4
 SWEEP_S = 0.25
 ACCEPT_BATCH = 16
 ACCEPT_BACKOFF_S = 0.05
+ACCEPT_SETTLE_S = 0.01       # evicted sockets close within a pass or two of the loop
 CLOSE_LINGER_S = 2.0         # a closing connection whose peer does not read is aborted after this
 LOG_EVERY_S = 10.0
+PRESSURE_HOLD_S = 10.0       # after EMFILE at accept, the lowered cap holds this long, then grows
 
 
 def connection_cap(soft: int | None = None) -> int:
@@ -50,11 +53,12 @@ class _Conn(asyncio.Protocol):
         self.head: tuple | None = None
         self.body_len = 0
         self.close_after = False  # bytes or EOF arrived while busy: answer, then close
+        self.task: asyncio.Task | None = None  # making the transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.state == "reading":
-            self.server.idle_conns[self] = None
+        if self.state == "closed":  # evicted while its transport was being made
+            transport.abort()  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.state = "closed"
@@ -172,7 +176,8 @@ class HttpServer:
         self.server_address = sock.getsockname()
         self.handler, self.log, self.server_name = handler, log, server_name
         self.request_timeout_s = request_timeout_s
-        self.cap = max_connections or connection_cap()
+        self.cap = self.cap_max = max_connections or connection_cap()
+        self._pressure_at = 0.0
         self.conns: set[_Conn] = set()
         self.idle_conns: dict[_Conn, None] = {}  # insertion order: the oldest waiting first
         self._workers = workers
@@ -294,15 +299,18 @@ class HttpServer:
         conn.state = "closed"
         if conn.transport is not None:
             conn.transport.abort()
+        elif conn.task is not None:
+            conn.task.cancel()  # _made closes its socket
         return True
 
     def _on_accept(self) -> None:
         loop = self._loop
         assert loop is not None
         for _ in range(ACCEPT_BATCH):
-            if len(self.conns) >= self.cap and not self.evict():
-                self._pause_accepting(None)  # every connection is busy: forget() resumes
-                return
+            while len(self.conns) >= self.cap:
+                if not self.evict():
+                    self._pause_accepting(None)  # every connection is busy: forget() resumes
+                    return
             try:
                 sock, _ = self.socket.accept()
             except (BlockingIOError, InterruptedError):
@@ -310,26 +318,38 @@ class HttpServer:
             except OSError as exc:
                 if exc.errno == errno.ECONNABORTED:
                     continue
-                # EMFILE, ENFILE, ENOBUFS...: free a descriptor, let the loop thread have its
-                # own, and try again shortly; the kernel keeps the waiting clients queued
-                self.note("accept", f"heidi daemon: API accept: {exc.strerror or exc}; "
-                          f"{len(self.conns)} connections open, evicting the oldest idle one")
-                self.evict()
-                self._pause_accepting(ACCEPT_BACKOFF_S)
+                self._fd_pressure(exc)
                 return
             conn = _Conn(self)
             self.conns.add(conn)
+            self.idle_conns[conn] = None  # evictable from now on: the oldest accepted goes first
             try:
                 sock.setblocking(False)
-                task = loop.create_task(loop.connect_accepted_socket(lambda c=conn: c, sock))
+                conn.task = loop.create_task(loop.connect_accepted_socket(lambda c=conn: c, sock))
             except Exception:
-                self.conns.discard(conn)
+                self.forget(conn)
                 sock.close()
                 raise
-            task.add_done_callback(lambda t, c=conn, s=sock: self._made(t, c, s))
+            conn.task.add_done_callback(lambda t, c=conn, s=sock: self._made(t, c, s))
+
+    def _fd_pressure(self, exc: OSError) -> None:
+        """accept() failed (EMFILE, ENFILE, ENOBUFS...): hold fewer connections for a while, so
+        the loop thread keeps descriptors for its journal and stage, and evict idle ones to get
+        there; the kernel keeps the waiting clients queued meanwhile."""
+        self._pressure_at = time.monotonic()
+        self.cap = max(MIN_CONNECTIONS, len(self.conns) - 2 * ACCEPT_BATCH)
+        evicted = 0
+        while len(self.conns) > self.cap and self.evict():
+            evicted += 1
+        self.note("accept", f"heidi daemon: API accept: {exc.strerror or exc}; holding at most "
+                  f"{self.cap} connections for now")
+        # evicted sockets close on the loop's next pass: retry right after it, else back off
+        self._pause_accepting(ACCEPT_SETTLE_S if evicted else ACCEPT_BACKOFF_S)
 
     def _made(self, task: asyncio.Task, conn: _Conn, sock: socket.socket) -> None:
+        conn.task = None
         if task.cancelled() or task.exception() is not None:
+            conn.state = "closed"
             self.forget(conn)
             sock.close()
             if not task.cancelled():
@@ -347,6 +367,10 @@ class HttpServer:
             return
         loop.call_later(SWEEP_S, self._sweep)
         now = time.monotonic()
+        if self.cap < self.cap_max and now - self._pressure_at > PRESSURE_HOLD_S:
+            self.cap = min(self.cap_max, self.cap + ACCEPT_BATCH)
+            if not self._accepting and self._resume is None:
+                self._start_accepting()
         for conn in [c for c in self.conns if c.deadline <= now and c.state != "busy"]:
             conn.expire()
 
