@@ -371,7 +371,7 @@ def test_token_rule_and_request_timeout_setting(tmp_path):
         Config.load(None, environ={"HEIDI_API_TOKEN": "abcdefghijklmnop\udcff"})
 
 
-def test_token_daemon_flood_needs_no_token_to_be_cut(limited_daemon, tmp_path):
+def test_with_a_token_an_unauthenticated_slow_client_is_cut(limited_daemon, tmp_path):
     """With a token set, an unauthenticated slow client is cut just the same."""
     d = limited_daemon(daemon_env(HEIDI_API_TOKEN=TOKEN, HEIDI_API_REQUEST_TIMEOUT_S="1"))
     s = socket.create_connection(("127.0.0.1", d.port), timeout=5)

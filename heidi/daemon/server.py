@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import queue
 import resource
@@ -54,6 +55,9 @@ class _Conn(asyncio.Protocol):
         self.body_len = 0
         self.close_after = False  # bytes or EOF arrived while busy: answer, then close
         self.task: asyncio.Task | None = None  # making the transport
+
+    def itself(self) -> "_Conn":
+        return self  # the protocol factory of this one connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -325,12 +329,12 @@ class HttpServer:
             self.idle_conns[conn] = None  # evictable from now on: the oldest accepted goes first
             try:
                 sock.setblocking(False)
-                conn.task = loop.create_task(loop.connect_accepted_socket(lambda c=conn: c, sock))
+                conn.task = loop.create_task(loop.connect_accepted_socket(conn.itself, sock))
             except Exception:
                 self.forget(conn)
                 sock.close()
                 raise
-            conn.task.add_done_callback(lambda t, c=conn, s=sock: self._made(t, c, s))
+            conn.task.add_done_callback(functools.partial(self._made, conn, sock))
 
     def _fd_pressure(self, exc: OSError) -> None:
         """accept() failed (EMFILE, ENFILE, ENOBUFS...): hold fewer connections for a while, so
@@ -346,14 +350,15 @@ class HttpServer:
         # evicted sockets close on the loop's next pass: retry right after it, else back off
         self._pause_accepting(ACCEPT_SETTLE_S if evicted else ACCEPT_BACKOFF_S)
 
-    def _made(self, task: asyncio.Task, conn: _Conn, sock: socket.socket) -> None:
+    def _made(self, conn: _Conn, sock: socket.socket, task: asyncio.Task) -> None:
         conn.task = None
         if task.cancelled() or task.exception() is not None:
             conn.state = "closed"
             self.forget(conn)
             sock.close()
-            if not task.cancelled():
-                self.note("connect", f"heidi daemon: API connection: {one_line(task.exception())}")
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None:
+                self.note("connect", f"heidi daemon: API connection: {one_line(exc)}")
 
     def forget(self, conn: _Conn) -> None:
         self.conns.discard(conn)
