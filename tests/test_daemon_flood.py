@@ -163,6 +163,13 @@ def test_a_connection_flood_does_not_stop_the_loop(limited_daemon, many_fds, tmp
         socks += _flood(d.port, 200)
         assert _timed_status(d.port) < 1.0
         assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) < 1024
+        # the daemon closed the oldest idle connections to stay under its cap (1024 - 128)
+        poller = select.poll()
+        for s in socks:
+            poller.register(s, select.POLLIN)
+        closed = {fd for fd, _ in poller.poll(2000)}
+        assert len(socks) - len(closed) <= 1024 - 128, len(closed)
+        assert socks[0].fileno() in closed and socks[-1].fileno() not in closed
     finally:
         for s in socks:
             s.close()
