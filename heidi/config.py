@@ -126,6 +126,28 @@ def _out_dir(name: str, raw: Any) -> str:
     return path
 
 
+TOKEN_MIN_LEN = 16
+
+
+def _token(name: str, raw: Any) -> str:
+    """The API token: 16 to 4096 visible ASCII characters. HTTP headers arrive as bytes (latin-1
+    in practice), so only ASCII compares the same on every client; the value is never echoed."""
+    value = str(raw).strip() if isinstance(raw, str) else None
+    rule = (f"must be {TOKEN_MIN_LEN} to 4096 printable ASCII characters (letters, digits, "
+            "punctuation; no spaces); unset it for no token")
+    if value is None or not value:
+        problem = "empty" if value is not None else "not a string"
+    elif not value.isascii():
+        problem = "has a non-ASCII character"
+    elif not all("!" <= ch <= "~" for ch in value):
+        problem = "has a space or control character"
+    elif not TOKEN_MIN_LEN <= len(value) <= 4096:
+        problem = f"has {len(value)} characters"
+    else:
+        return value
+    raise ConfigError(f"{name}: {problem}; {rule}")
+
+
 def _optional(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
     def wrapped(name: str, raw: Any) -> Any:
         if raw is None or (isinstance(raw, str) and raw.strip() == ""):
@@ -167,7 +189,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any], Any]] = {
     "HEIDI_MAX_MEMORY_MB": ("max_memory_mb", _optional(_int(16, 1 << 40)), None),
     "HEIDI_HOST": ("host", _text(255), "127.0.0.1"),
     "HEIDI_PORT": ("port", _int(0, 65535), 8080),
-    "HEIDI_API_TOKEN": ("api_token", _optional(_text(4096)), None),
+    "HEIDI_API_TOKEN": ("api_token", _token, None),
+    "HEIDI_API_REQUEST_TIMEOUT_S": ("api_request_timeout_s", _float(0.0, 3600.0, lo_open=True), 10.0),
     # The teacher (`heidi generate`, design.md §7). Its key is read from the environment only.
     "TEACHER_PROVIDER": ("teacher_provider", _choice(*PROVIDERS), "mock"),
     "TEACHER_BASE_URL": ("teacher_base_url", _optional(_url), None),
@@ -259,6 +282,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     api_token: str | None = None
+    api_request_timeout_s: float = 10.0
     teacher_provider: str = "mock"
     teacher_base_url: str | None = None
     teacher_allow_http: bool = False

@@ -1,14 +1,16 @@
-"""`heidi daemon`: the loop on one thread, a small local HTTP API on others (design.md §8).
+"""`heidi daemon`: the loop on one thread, a small local HTTP API on another (design.md §8).
 
 One thread owns the Machine and drives the run (apply control requests, tick while a stage state
-waits, idle otherwise). The HTTP threads never touch the Machine: they read state.json and the
-journal from disk, and queue control requests in OUT_DIR/control/ exactly as `heidi stop` from
-another process would; the loop thread applies them at its next boundary, and a stop also ends a
-running stage (the stage runner polls for it). Standard library only.
+waits, idle otherwise). The API (one asyncio thread, a few worker threads, a bounded number of
+connections) never touches the Machine: it reads state.json and the journal from disk, and
+queues control requests in OUT_DIR/control/ exactly as `heidi stop` from another process would;
+the loop thread applies them at its next boundary, and a stop also ends a running stage (the
+stage runner polls for it). Nothing the API does can block or end the loop. Standard library only.
 
-Rooms: api (HTTP + routing), auth (token, Host, Origin, bind check), metrics (Prometheus
-text), pidfile (pid file, daemon.json), service (loop thread, signals, the whole life), detach
-(double fork). The status page is package data, heidi/page.html.
+Rooms: api (routing), server (the bounded HTTP/1.1 transport), http1 (request parsing, response
+rendering), auth (token, Host, Origin, bind check), metrics (Prometheus text), pidfile (pid file,
+daemon.json), service (loop thread, signals, the whole life), detach (double fork). The status
+page is package data, heidi/page.html.
 
 Endpoints (JSON unless noted; with HEIDI_API_TOKEN set, all but /healthz need
 `Authorization: Bearer <token>`):

@@ -1,12 +1,8 @@
-"""The daemon's HTTP side: a threaded stdlib server and one router for every endpoint. It reads the
-run from disk and queues control requests through its Daemon; it never touches the Machine."""
+"""The daemon's HTTP side: one router for every endpoint, served by the bounded asyncio transport
+in server.py. It reads the run from disk and queues control requests through its Daemon; it never
+touches the Machine. Handlers run on the transport's worker threads, one request each."""
 from __future__ import annotations
 
-import socket
-import socketserver
-import sys
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
@@ -14,90 +10,71 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from .. import control
+from .._fast.redact import redact
 from .._version import __version__
 from ..errors import HeidiError, one_line
 from ..journal import read_events_page
 from .metrics import render_metrics
+from .http1 import MAX_BODY_BYTES, Request, Response
+from .server import HttpServer
 
 if TYPE_CHECKING:
     from .service import Daemon
 
 API = "/api/v1"
-MAX_BODY_BYTES = 64 * 1024
 EVENTS_DEFAULT_LIMIT = 100
 EVENTS_MAX_LIMIT = 1000
-REQUEST_TIMEOUT_S = 30.0
+__all__ = ["API", "MAX_BODY_BYTES", "PAGE", "Server", "make_server", "url"]
 # The status page, package data (bundled by heidi.spec). Read on import, before --detach forks: a
 # one-file frozen heidi deletes its unpacked files once the parent it detached from exits.
 PAGE = files("heidi").joinpath("page.html").read_bytes()
+Server = HttpServer  # what service.py serves with: serve_forever, shutdown, server_close
 
 
 def url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
-    app: "Daemon"
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn) that can stall for seconds.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name, self.server_port = str(host), int(port)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)):
-            return
-        if exc is not None:
-            self.app.log(f"heidi daemon: HTTP connection failed: {one_line(exc)}")
+def log_line(app: "Daemon", line: str) -> None:
+    """One line to the daemon log: never the API token, nor anything that looks like a secret."""
+    token = app.config.api_token
+    if token:
+        line = line.replace(token, "[REDACTED]")
+    app.log(redact(" ".join(line.split())))
 
 
 def make_server(host: str, port: int, app: "Daemon") -> Server:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    cls = type("_Server6" if family == socket.AF_INET6 else "_Server4", (Server,),
-               {"address_family": family})
+    """Bind host:port (HeidiError when it cannot); the server answers through _Handler."""
     try:
-        server = cls((host, port), _Handler)
+        return HttpServer(host, port, lambda request: _Handler(request, app).handle(),
+                          lambda line: log_line(app, line),
+                          f"heidi/{__version__}", app.config.api_request_timeout_s)
     except OSError as exc:
         raise HeidiError(f"cannot listen on {url(host, port)}: {exc.strerror or exc}") from None
-    server.app = app
-    return server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT_S
-    server: Server
+class _Handler:
+    """One request through the router; handle() returns its Response."""
 
-    def version_string(self) -> str:
-        return f"heidi/{__version__}"
+    def __init__(self, request: Request, app: "Daemon") -> None:
+        self.app = app
+        self.command = request.method
+        self.path = request.target
+        self.headers = request.headers
+        self.close_connection = False
+        self.response: Response | None = None
 
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # no access log: request lines may carry ?token=, headers carry the token
-
-    # every method goes through one router, so an unknown method on a known path is a 405
-    def do_GET(self) -> None:
+    def handle(self) -> Response:
         self._handle()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+        if self.response is None:  # every branch answers; a missing answer is a bug
+            raise RuntimeError(f"no response to {self.command} {self.path[:100]}")
+        return self.response
 
     # -- responses -------------------------------------------------------------------------
     def _send(self, code: int, body: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+        # the transport adds Server, Date, Content-Length, Cache-Control, X-Content-Type-Options,
+        # Connection: close, and drops the body of a HEAD
+        self.response = Response(code, body, ctype, dict(headers or {}), self.close_connection)
 
     def _json(self, code: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(code, orjson.dumps(obj) + b"\n", "application/json", headers)
@@ -105,48 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, code: int, message: str, headers: dict[str, str] | None = None) -> None:
         self._json(code, {"error": message}, headers)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # the base class's own errors (bad request line, headers too long, ...) as JSON too
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        if getattr(self, "command", None) is None:
-            self.command = "GET"
-        self._error(code, (message or phrase).splitlines()[0][:200] if (message or phrase) else phrase)
-
-    # -- request checks --------------------------------------------------------------------
-    def _body_ok(self) -> bool:
-        """Read (and drop) a bounded body; False when a response was already sent."""
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True
-            self._error(411, "a body needs Content-Length (no chunked bodies)")
-            return False
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return True
-        try:
-            length = int(raw.strip())
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            self._error(400, "invalid Content-Length")
-            return False
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            self._error(413, f"body over {MAX_BODY_BYTES} bytes")
-            return False
-        remaining = length
-        while remaining:
-            chunk = self.rfile.read(remaining)
-            if not chunk:
-                self.close_connection = True
-                return True
-            remaining -= len(chunk)
-        return True
-
+    # -- request checks (framing, body limits: server.py) -------------------------------------
     def _allow(self, methods: tuple[str, ...]) -> bool:
         if self.command in methods:
             return True
@@ -156,13 +92,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- routing ---------------------------------------------------------------------------
     def _handle(self) -> None:
-        app = self.server.app
+        app = self.app
         path = "?"
         try:
             split = urlsplit(self.path)
             path, query = split.path or "/", split.query
-            if not self._body_ok():
-                return
             if path == "/healthz":
                 if self._allow(("GET", "HEAD")):
                     self._json(200, {"ok": True})
@@ -209,16 +143,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._json(code, obj)
                 return
             self._error(404, f"no such endpoint {path[:100]}")
-        except (ConnectionError, TimeoutError, socket.timeout):
-            self.close_connection = True
         except Exception as exc:  # one line in the log, one line to the client
             line = one_line(exc)
-            app.log(f"heidi daemon: {self.command} {path[:100]} failed: {line}")
+            log_line(app, f"heidi daemon: {self.command} {path[:100]} failed: {line}")
             self.close_connection = True
-            try:
-                self._error(500, line[:300])
-            except OSError:
-                pass
+            self._error(500, redact(line)[:300])
 
     def _events(self, query: str) -> None:
         try:
@@ -232,5 +161,5 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(400, "since must be 0 or more and limit 1 or more")
             return
         limit = min(limit, EVENTS_MAX_LIMIT)
-        events, nxt = read_events_page(self.server.app.config.journal_path, since, limit)
+        events, nxt = read_events_page(self.app.config.journal_path, since, limit)
         self._json(200, {"events": events, "next": nxt})
