@@ -378,7 +378,7 @@ def test_real_stage_with_missing_script_errors(tmp_path):
     repo_root = tmp_path / "empty_repo"
     repo_root.mkdir()
     heidi = Heidi(tmp_path, HEIDI_MOCK_SUBPROCESSES="0", HEIDI_REPO_ROOT=str(repo_root),
-                  HEIDI_KILL_GRACE_S="1")
+                  HEIDI_KILL_GRACE_S="1", MAX_CPU_PCT="100", MAX_MEM_PCT="100")  # a busy box: no hold
     assert heidi("start").returncode == 0
     proc = heidi("tick")
     assert proc.returncode == 1 and proc.stdout == "", proc.stderr
