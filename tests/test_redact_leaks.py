@@ -106,12 +106,12 @@ _SAS_KEY = base64.b64encode(random.Random(4).randbytes(32)).decode()
 @pytest.mark.parametrize("text,expected", [
     ("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=" + _ACCOUNT_KEY
      + ";EndpointSuffix=core.windows.net",
-     "DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=[SECRET]"
-     ";EndpointSuffix=core.windows.net"),
+     ("DefaultEndpointsProtocol=https;AccountName=acct;AccountKey=[SECRET]"
+      ";EndpointSuffix=core.windows.net")),
     ("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;"
      "SharedAccessKey=" + _SAS_KEY,
-     "Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;"
-     "SharedAccessKey=[SECRET]"),
+     ("Endpoint=sb://ns.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;"
+      "SharedAccessKey=[SECRET]")),
     ("conn: AccountKey=" + _ACCOUNT_KEY + " retrying", "conn: AccountKey=[SECRET] retrying"),
     ("Server=db;User Id=sa;Password=correct horse 42;Database=runs",
      "Server=db;User Id=sa;Password=[SECRET];Database=runs"),

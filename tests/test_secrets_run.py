@@ -18,7 +18,6 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import orjson
-
 from test_stages import pipeline  # noqa: F401 - the fixture: a repo root and the CLI against it
 
 _rng = random.Random(4242)
@@ -174,7 +173,7 @@ def test_the_example_gate_shows_generated_code_no_key(tmp_path):
     src.write_text("".join(json.dumps(s) + "\n" for s in (dump, blind)))
     env = dict(os.environ, OPENAI_API_KEY=key, HF_TOKEN=token, HEIDI_API_TOKEN=API_TOKEN)
     run = subprocess.run([sys.executable, str(gate), "--input", str(src), "--output", str(out)],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         check=False, capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "passed 1, failed 1" in run.stdout
     assert "dump failed: [('HOME', " in run.stdout and "'PATH'" in run.stdout

@@ -12,8 +12,8 @@ from . import no_extensions
 from ._redact_rules import env_name_is_secret
 from ._redact_stream import CUT_OVERLAP_CHARS, KEY_BLOCK_MAX_CHARS, LineRedactor, redact_lines
 
-__all__ = ("COMPILED", "CUT_OVERLAP_CHARS", "KEY_BLOCK_MAX_CHARS", "LineRedactor", "RULE_NAMES", "Redactor",
-           "default_redactor", "env_name_is_secret", "redact", "redact_lines",
+__all__ = ("COMPILED", "CUT_OVERLAP_CHARS", "KEY_BLOCK_MAX_CHARS", "LineRedactor", "RULE_NAMES",
+           "Redactor", "default_redactor", "env_name_is_secret", "redact", "redact_lines",
            "reset_default_redactor")
 
 if TYPE_CHECKING:
