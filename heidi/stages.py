@@ -83,8 +83,11 @@ def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
                 "HEIDI_OUT_DIR": cfg.out_dir})
     for name, value in extra.items():
         if value == "${" + name + "}" and heidi_secret(name):
-            if name in os.environ:
-                env[name] = os.environ[name]
+            inherited = os.environ.get(name)
+            if inherited is None and name == "HEIDI_API_TOKEN":
+                inherited = cfg.api_token  # set in heidi.toml rather than the environment
+            if inherited is not None:
+                env[name] = inherited
         else:
             env[name] = value
     env[COUNTERS_ENV] = counters_path(cfg.logs_dir, round_, stage)  # heidi's, whatever `extra` says
