@@ -197,3 +197,29 @@ def test_redact_secret_log(benchmark, impl):
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_redact_event_message(benchmark, impl):
     _run(benchmark, "message-160B", impl)
+
+
+# ---- environment secrets on the stage-log path (line by line) ----------------------------------
+
+# Six secret env variables, as a GPU box running the teacher has (teacher key, HF, W&B, AWS ...):
+# each value is also looked for in ~12 encodings. Stage logs redact line by line, so the rows are
+# 2,000 lines of the clean log, one redact() call each, with no env secrets and with these six.
+_env_rng = random.Random(6)
+ENV_SECRETS = {f"SECRET_{i}_TOKEN": _fake(_env_rng, 40) for i in range(6)}
+LINES = CLEAN_TEXT.splitlines(keepends=True)[:2000]
+
+
+def _per_line(redact) -> None:
+    for line in LINES:
+        redact(line)
+
+
+@pytest.mark.benchmark(group="redact 2000 lines, env secrets")
+@pytest.mark.parametrize("impl", ["compiled", "pure"])
+@pytest.mark.parametrize("env", ["no-env", "6-env-secrets"])
+def test_redact_lines_with_env_secrets(benchmark, impl, env):
+    module = IMPLS[impl]
+    if module is None:
+        pytest.skip("heidi._fast._redact_c is not built")
+    redactor = module.Redactor(env=ENV_SECRETS if env != "no-env" else {})
+    benchmark(_per_line, redactor.redact)

@@ -62,7 +62,10 @@ def check_counters(obj: Any) -> str | None:
         return f"has {len(obj)} keys, at most {MAX_KEYS} are allowed"
     for key, value in obj.items():
         if not isinstance(key, str) or not KEY_RE.match(key):
-            return (f"key {str(key)[:40]!r} must be 1-64 characters of A-Z a-z 0-9 _ . : - "
+            # Never cut a key to show it (a cut secret escapes redaction): whole, or its length.
+            shown = repr(key) if isinstance(key, str) and len(key) <= 64 else (
+                f"of {len(key)} characters" if isinstance(key, str) else repr(type(key).__name__))
+            return (f"key {shown} must be 1-64 characters of A-Z a-z 0-9 _ . : - "
                     "starting with a letter or _")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"value of {key!r} must be a number"

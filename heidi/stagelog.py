@@ -14,8 +14,9 @@ from ._fast.redact import LineRedactor
 
 __all__ = ("StageLog", "MAX_LINE_BYTES")
 
-# A "line" longer than this (a progress bar redrawn with \r, a binary dump) is flushed as is,
-# without a newline added, so that memory stays bounded.
+# A "line" longer than this (a progress bar redrawn with \r, a binary dump) is flushed in pieces,
+# without a newline added, so that memory stays bounded. Each piece's tail is held back and
+# redacted again with the next (LineRedactor.piece): a secret across the cut is seen whole.
 MAX_LINE_BYTES = 64 * 1024
 
 def _utf8_cut(data: bytes | bytearray, limit: int) -> int:
@@ -61,7 +62,9 @@ class StageLog:
 
     def __init__(self, path: str | None, redact: Callable[[str], str],
                  tail_bytes: int = 64 * 1024) -> None:
-        self._show = LineRedactor(redact).line  # a line as it may be shown, or None
+        redactor = LineRedactor(redact)
+        self._show = redactor.line  # a line as it may be shown, or None
+        self._piece = redactor.piece
         self._partial = bytearray()
         self._tail: collections.deque[str] = collections.deque()
         self._tail_chars = 0
@@ -98,8 +101,14 @@ class StageLog:
                 out.append(shown)
         while len(rest) > MAX_LINE_BYTES:
             cut = _utf8_cut(rest, MAX_LINE_BYTES)
-            self._line(rest[:cut], "", out)
-            rest = rest[cut:]
+            # surrogateescape: the tail held back goes back to exactly its bytes. It is under
+            # half the piece's characters, so fewer bytes than the piece: each turn advances.
+            shown, held = self._piece(rest[:cut].decode("utf-8", "surrogateescape"))
+            if shown:
+                if not shown.isascii():  # undecodable bytes show as U+FFFD, as in a line
+                    shown = shown.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                out.append(shown)
+            rest = held.encode("utf-8", "surrogateescape") + rest[cut:]
         self._partial = bytearray(rest)
         if out:
             self._emit(out)

@@ -10,7 +10,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ._fast import procstat
-from ._fast.redact import Redactor
+from ._fast.redact import Redactor, env_name_is_secret
+from ._fast.redact import redact as default_redact
 from ._fast.supervise import run_supervised
 from .config import PLACEHOLDER_RE
 from .counters import ENV_NAME as COUNTERS_ENV
@@ -54,14 +55,23 @@ def build_argv(template: list[str], values: dict[str, str]) -> list[str]:
     return argv
 
 
+def heidi_secret(name: str) -> bool:
+    """True for heidi's own secrets (HEIDI_API_TOKEN, ...): HEIDI_* names that look secret.
+    The teacher's keys (TEACHER_API_KEY, OPENAI_API_KEY, ...) are a stage's: `heidi generate`."""
+    return name.upper().startswith("HEIDI_") and env_name_is_secret(name)
+
+
 def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
               extra: dict[str, str]) -> dict[str, str]:
-    """The user's environment (stages need their keys) plus the run's settings and identity.
+    """The user's environment (stages need their keys) but heidi's own secrets, plus the run's
+    settings and identity, plus the stage's `env`.
 
-    A frozen heidi runs with PyInstaller's LD_LIBRARY_PATH; the child gets the original back so a
-    training job never loads heidi's bundled libraries.
+    heidi's secrets (HEIDI_API_TOKEN) reach a stage only when its `env` names them: with a value,
+    or as "${NAME}" (its own name) to pass heidi's value on. A frozen heidi runs with
+    PyInstaller's LD_LIBRARY_PATH; the child gets the original back so a training job never loads
+    heidi's bundled libraries.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if not heidi_secret(name)}
     if getattr(sys, "frozen", False):
         original = env.pop("LD_LIBRARY_PATH_ORIG", None)
         if original is not None:
@@ -71,7 +81,15 @@ def child_env(cfg: "Config", stage: str, round_: int, run_id: str,
     env.update(cfg.stage_env())
     env.update({"HEIDI_RUN_ID": run_id, "HEIDI_ROUND": str(round_), "HEIDI_STAGE": stage,
                 "HEIDI_OUT_DIR": cfg.out_dir})
-    env.update(extra)
+    for name, value in extra.items():
+        if value == "${" + name + "}" and heidi_secret(name):
+            inherited = os.environ.get(name)
+            if inherited is None and name == "HEIDI_API_TOKEN":
+                inherited = cfg.api_token  # set in heidi.toml rather than the environment
+            if inherited is not None:
+                env[name] = inherited
+        else:
+            env[name] = value
     env[COUNTERS_ENV] = counters_path(cfg.logs_dir, round_, stage)  # heidi's, whatever `extra` says
     return env
 
@@ -199,17 +217,23 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
         try:
             _, _, n_train, n_val = split_round(cfg, round_)
         except (ValueError, OSError) as exc:
-            return StageOutcome(ok=False, error=str(exc)[:200], output_tail=str(exc))
+            # Redacted before it is cut: a cut secret would no longer match its pattern.
+            message = default_redact(str(exc))
+            return StageOutcome(ok=False, error=message[:200], output_tail=message)
         counters = {"train_samples": n_train, "val_samples": n_val}
     stage_cfg = cfg.stages[stage]
     values = placeholders(cfg, round_)
     values["run_id"] = ctx.run_id
     argv = build_argv(stage_cfg.command, values)
     env = child_env(cfg, stage, round_, values["run_id"], stage_cfg.env)
-    # The stage's own environment (heidi.toml's [stages.X] env included) decides which values
-    # are secrets: a key handed only to this stage is still kept out of its log.
-    log = StageLog(os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log"),
-                   Redactor(env=env).redact)
+    # heidi's environment and the stage's own (heidi.toml's [stages.X] env included) decide which
+    # values are secrets: a key handed only to this stage, and heidi's own token that the stage
+    # does not get, are both kept out of its log.
+    secrets_env = {**os.environ, **env}
+    if cfg.api_token:
+        secrets_env.setdefault("HEIDI_API_TOKEN", cfg.api_token)
+    redactor = Redactor(env=secrets_env)
+    log = StageLog(os.path.join(cfg.logs_dir, f"round_{round_}", f"{stage}.log"), redactor.redact)
     prepare_counters(env[COUNTERS_ENV])
     before = sampler.sample()
     try:
@@ -233,7 +257,7 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     }
     tail = log.tail(OUTPUT_TAIL_CHARS)
     if result.spawn_error:
-        tail = result.spawn_error
+        tail = redactor.redact(result.spawn_error)
     artifacts = [os.path.relpath(p, cfg.out_dir) for p in _outputs(argv, cfg.out_dir)
                  if os.path.exists(p)] if result.ok else []
     if result.ok:

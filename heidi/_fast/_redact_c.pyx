@@ -10,6 +10,7 @@ from heidi._fast import _redact_rules as _rules
 
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_KIND
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memset
 
 cdef extern from "Python.h":
@@ -232,18 +233,94 @@ cdef object _redact_rules_text(object text):
 _ANSI = re.compile(_rules.ANSI_PATTERN)
 cdef str _ENV_PLACEHOLDER = _rules.ENV_PLACEHOLDER
 
+# The prefilter of environment secrets: a Redactor keeps each gate's (_rules.EnvSecrets) first
+# ANCHOR_CHARS characters as one uint64 window (the low 8 bits of each char) and a bit at its
+# hash. A text in which no window of that many characters is one of them holds no gate, hence no
+# form, and skips the literal search. Only an optimisation: a hit runs the pure twin's loop.
+cdef enum:
+    ANCHOR_CHARS = 8             # every gate is at least as long (ENV_MIN_VALUE_CHARS)
+    ANCHOR_BYTES = 8192          # 65536 bits: the exact check runs for few windows
+
+
+cdef inline uint32_t _anchor_hash(uint64_t window):
+    return <uint32_t>((window * <uint64_t>0x9E3779B97F4A7C15ULL) >> 48)
+
+
+cdef bint _anchor_hit(const char_t* data, Py_ssize_t n, const uint8_t* bits,
+                      const uint64_t* anchors, Py_ssize_t n_anchors):
+    cdef uint64_t window = 0
+    cdef uint32_t h
+    cdef Py_ssize_t i, k
+    for i in range(n):
+        window = (window << 8) | (data[i] & 0xFF)
+        if i >= ANCHOR_CHARS - 1:
+            h = _anchor_hash(window)
+            if bits[h >> 3] & (1 << (h & 7)):
+                for k in range(n_anchors):
+                    if anchors[k] == window:
+                        return True
+    return False
+
+
+cdef bint _anchor_hit_str(object text, const uint8_t* bits, const uint64_t* anchors,
+                          Py_ssize_t n_anchors) except -1:
+    PyUnicode_READY(text)
+    cdef int kind = PyUnicode_KIND(text)
+    cdef void* data = PyUnicode_DATA(text)
+    cdef Py_ssize_t n = PyUnicode_GET_LENGTH(text)
+    if kind == 1:
+        return _anchor_hit(<const uint8_t*>data, n, bits, anchors, n_anchors)
+    if kind == 2:
+        return _anchor_hit(<const uint16_t*>data, n, bits, anchors, n_anchors)
+    return _anchor_hit(<const uint32_t*>data, n, bits, anchors, n_anchors)
+
 
 cdef class Redactor:
     """Replaces secrets in text with placeholders naming their kind ([GITHUB_TOKEN], [SECRET] ...).
 
     `env` (default os.environ, read now) supplies literal secrets: the values of variables whose
-    names look secret (HF_TOKEN, DB_PASSWORD, OPENAI_API_KEY ...) become [ENV_SECRET] anywhere.
+    names look secret (HF_TOKEN, DB_PASS, X_KEY_B64 ...) become [ENV_SECRET] anywhere, and so
+    do their base64, hex and percent-encoded forms (_redact_rules.encoded_forms).
     """
 
-    cdef tuple _env_values
+    cdef tuple _env_forms
+    cdef bint _env_any         # there are forms to look for
+    cdef bint _env_always      # a gate shorter than a window: no prefilter, always look
+    cdef uint8_t _anchor_bits[ANCHOR_BYTES]
+    cdef uint64_t* _anchors
+    cdef Py_ssize_t _n_anchors
+
+    def __cinit__(self):
+        self._anchors = NULL
+        self._n_anchors = 0
+
+    def __dealloc__(self):
+        PyMem_Free(self._anchors)
 
     def __init__(self, env=None):
-        self._env_values = _rules.secret_env_values(os.environ if env is None else env)
+        cdef uint64_t window
+        cdef uint32_t h
+        secrets = _rules.env_secrets(os.environ if env is None else env)
+        self._env_forms = secrets.forms
+        self._env_any = len(secrets.forms) > 0
+        self._env_always = False
+        memset(self._anchor_bits, 0, sizeof(self._anchor_bits))
+        PyMem_Free(self._anchors)
+        self._n_anchors = 0
+        self._anchors = <uint64_t*>PyMem_Malloc(max(1, len(secrets.gates)) * sizeof(uint64_t))
+        if self._anchors == NULL:
+            raise MemoryError()
+        for gate in secrets.gates:
+            if len(gate) < ANCHOR_CHARS:
+                self._env_always = True
+                continue
+            window = 0
+            for ch in gate[:ANCHOR_CHARS]:
+                window = (window << 8) | (<uint64_t>ord(ch) & 0xFF)
+            h = _anchor_hash(window)
+            self._anchor_bits[h >> 3] |= <uint8_t>(1 << (h & 7))
+            self._anchors[self._n_anchors] = window
+            self._n_anchors += 1
 
     def redact(self, text):
         """`text` with ANSI escapes stripped and every secret replaced; clean text is returned as is."""
@@ -251,9 +328,11 @@ cdef class Redactor:
             raise TypeError(f"redact() takes str, not {type(text).__name__}")
         if "\x1b" in text:
             text = _ANSI.sub("", text)
-        for value in self._env_values:
-            if value in text:
-                text = text.replace(value, _ENV_PLACEHOLDER)
+        if self._env_any and (self._env_always or _anchor_hit_str(
+                text, self._anchor_bits, self._anchors, self._n_anchors)):
+            for value in self._env_forms:
+                if value in text:
+                    text = text.replace(value, _ENV_PLACEHOLDER)
         return _redact_rules_text(text)
 
 

@@ -52,11 +52,14 @@ class Redactor:
     """Replaces secrets in text with placeholders naming their kind ([GITHUB_TOKEN], [SECRET] ...).
 
     `env` (default os.environ, read now) supplies literal secrets: the values of variables whose
-    names look secret (HF_TOKEN, DB_PASSWORD, OPENAI_API_KEY ...) become [ENV_SECRET] anywhere.
+    names look secret (HF_TOKEN, DB_PASS, X_KEY_B64 ...) become [ENV_SECRET] anywhere, and so
+    do their base64, hex and percent-encoded forms (_redact_rules.encoded_forms).
     """
 
     def __init__(self, env: Mapping[str, str] | None = None) -> None:
-        self._env_values = _rules.secret_env_values(os.environ if env is None else env)
+        secrets = _rules.env_secrets(os.environ if env is None else env)
+        self._env_forms = secrets.forms
+        self._env_gates = secrets.gates
 
     def redact(self, text: str) -> str:
         """`text` with ANSI escapes stripped and every secret replaced; clean text is returned as is."""
@@ -64,9 +67,11 @@ class Redactor:
             raise TypeError(f"redact() takes str, not {type(text).__name__}")
         if "\x1b" in text:
             text = _ANSI.sub("", text)
-        for value in self._env_values:
-            if value in text:
-                text = text.replace(value, _rules.ENV_PLACEHOLDER)
+        # One C-level pass over the gates (map, not a Python loop): most texts hold none.
+        if self._env_gates and any(map(text.__contains__, self._env_gates)):
+            for value in self._env_forms:
+                if value in text:
+                    text = text.replace(value, _rules.ENV_PLACEHOLDER)
         lowered = text.lower()
         for regex, template, gates in _COMPILED:
             if not _any_keyword(gates, lowered):

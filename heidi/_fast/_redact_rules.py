@@ -4,8 +4,10 @@ Each rule is (name, placeholder, keywords, pattern, flags); the comment above RU
 """
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping
+from typing import NamedTuple
 
 # Contract every rule keeps (tests/test_redact.py checks it, _redact_c relies on it):
 # - keywords are lowercase ASCII literals of 2..32 chars, and every match of the pattern contains
@@ -103,6 +105,16 @@ RULES: tuple[tuple[str, str, tuple[str, ...], str, int], ...] = (
      # Greedy up to the last "@" before the host: an unescaped "@" in a password stays hidden.
      r"(?P<pre>://(?<=[A-Za-z0-9]://)[^\s:/?#@\"'<>\[\]]*:)" + _PLACEHOLDER_AHEAD
      + r"[^\s/?#\"'<>]+(?P<post>@)", _A),
+    ("connection_string", "[SECRET]",
+     ("accountkey=", "sharedaccesskey=", "password=", "passwd=", "pwd="),
+     # `;`-separated connection strings (ADO.NET, ODBC, Azure Storage and Service Bus):
+     # AccountKey= and SharedAccessKey= anywhere, up to `;`, whitespace or a quote; a
+     # Password= / Pwd= field of a `;` list up to the next `;` (spaces included), a quote or the
+     # end of the line, which key_value (its value ends at a space) would cut short.
+     r"(?P<pre>(?:(?<![A-Za-z0-9_.-])(?P<ak>(?:Account|SharedAccess)Key=)"
+     r"|(?:;[ \t]*|(?<![A-Za-z0-9_.-])(?=(?:Password|Passwd|Pwd)=[^;\r\n\"']*;))"
+     r"(?:Password|Passwd|Pwd)=)[ \t]*+)" + _PLACEHOLDER_AHEAD
+     + r"(?(ak)[^;\s\"']+|[^;\r\n\"']+)", _AI),
     ("key_value", "[SECRET]", _KV_KEYWORDS,
      # key=value, key: value, "key": "value", 'key' = 'value'; PWD/OLDPWD are directories.
      r"(?P<pre>(?<![A-Za-z0-9_.-])(?!(?:old)?pwd\b)[A-Za-z0-9_.-]*" + _KEY_WORDS
@@ -118,16 +130,24 @@ MULTILINE_RULES: tuple[str, ...] = ("private_key",)
 
 PRIVATE_KEY_PLACEHOLDER = "[PRIVATE_KEY]"
 
+
 # ---- secrets taken from the environment -------------------------------------------------------
 
 ENV_PLACEHOLDER = "[ENV_SECRET]"
+# Shorter values (and numbers, booleans) are not redacted literally: they would turn up all over
+# a log. Their encodings (below) are at least 10 characters long then.
 ENV_MIN_VALUE_CHARS = 8
-# Upper-cased variable names whose values are secrets. A word must not run on into more letters:
-# TOKENIZERS_PARALLELISM, MAX_TOKENS, GIT_AUTHOR_NAME and XAUTHORITY are not secrets.
+# Upper-cased variable names whose values are secrets: PASS, SECRET, TOKEN or CREDENTIAL anywhere
+# in the name (DB_PASS, SECRETKEY, HF_TOKEN, GCP_CREDENTIALS), _KEY anywhere (X_KEY_B64,
+# OPENAI_API_KEY), KEY as the first word, the glued API/ACCESS/PRIVATE KEY (WANDB_APIKEY), and
+# AUTH, PWD as words of their own (BASIC_AUTH, MYSQL_PWD; not XAUTHORITY or GIT_AUTHOR_NAME).
 ENV_SECRET_NAME_PATTERN = (
-    r"(?:TOKEN|SECRET|PASSWORD|PASSWD|PASSPHRASE|PWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY"
-    r"|CREDENTIALS?|AUTH)(?![A-Z])|_KEY$|^KEY$"
+    r"PASS|SECRET|TOKEN|CREDENTIAL|_KEY|^KEY(?![A-Z])|(?:API|ACCESS|PRIVATE)_?KEY"
+    r"|(?:AUTH|PWD)(?![A-Z])"
 )
+# Words cut out of a name before it is matched: they hold those letters but name no secret
+# (TOKENIZERS_PARALLELISM, MAX_TOKENS and NUM_TOKENS are counts, GIT_ASKPASS is a program).
+ENV_NOT_SECRET_WORDS_PATTERN = r"TOKENIZ[A-Z]*|TOKENS(?![A-Z])|ASKPASS|BYPASS|COMPASS|PASSTHR[A-Z]*"
 # Their values are file names, sockets, addresses or modes, not secrets (SSH_AUTH_SOCK,
 # PASSWORD_FILE, AUTH_URL).
 ENV_NOT_SECRET_NAME_PATTERN = r"_(?:FILE|PATH|DIR|SOCK|URL|URI|HOST|ENDPOINT|TYPE|MODE|METHOD)$"
@@ -136,6 +156,7 @@ ENV_NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})
 _ENV_NOT_SECRET_VALUES = frozenset({"true", "false", "none", "null", "undefined"})
 
 _env_secret_name = re.compile(ENV_SECRET_NAME_PATTERN)
+_env_not_secret_words = re.compile(ENV_NOT_SECRET_WORDS_PATTERN)
 _env_not_secret_name = re.compile(ENV_NOT_SECRET_NAME_PATTERN)
 
 
@@ -144,11 +165,51 @@ def env_name_is_secret(name: str) -> bool:
     upper = name.upper()
     if upper in ENV_NOT_SECRET_NAMES or _env_not_secret_name.search(upper):
         return False
-    return _env_secret_name.search(upper) is not None
+    return _env_secret_name.search(_env_not_secret_words.sub("-", upper)) is not None
+
+
+def _hex_lower(match: re.Match[str]) -> str:
+    return match.group(0).lower()
+
+
+def encoded_forms(value: str) -> set[str]:
+    """The ways `value` is commonly printed encoded, each as it appears in a longer text.
+
+    base64 and urlsafe base64 of the value alone, padded and not; and, since base64 of bytes
+    inside a longer blob depends on their offset mod 3, for offsets 0, 1 and 2 the characters that
+    only the value's bytes decide (its partial first and last characters are left out: they
+    depend on the neighbours). Hex in lower and upper case. Percent-encoding as quote() and
+    quote_plus() give it (nothing safe, or "/" safe), every byte as %XX, each with upper and
+    lower case hex digits. Not covered: base64 wrapped over lines, other encodings (gzip, ...),
+    partial encodings by other tools, and encodings of encodings.
+    """
+    from urllib.parse import quote, quote_plus
+    raw = value.encode("utf-8", "surrogatepass")
+    forms: set[str] = set()
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        alone = encode(raw).decode("ascii")
+        forms.update((alone, alone.rstrip("=")))
+        for offset in (0, 1, 2):
+            blob = encode(bytes(offset) + raw).decode("ascii")
+            forms.add(blob[-(-4 * offset // 3):(8 * (offset + len(raw))) // 6])
+    forms.update((raw.hex(), raw.hex().upper()))
+    percent = {quote(value, safe=""), quote(value, safe="/"), quote_plus(value, safe=""),
+               quote_plus(value, safe="/"), "".join(f"%{byte:02X}" for byte in raw)}
+    forms |= percent | {re.sub(r"%[0-9A-F]{2}", _hex_lower, form) for form in percent}
+    forms.discard(value)
+    return forms
+
+
+class EnvSecrets(NamedTuple):
+    """What a Redactor replaces literally: `forms` (the secret values and their encodings,
+    longest first, so that a value inside another goes last) and `gates` (the fewest of them
+    such that every form contains one: none of the gates in a text means no form is in it)."""
+    forms: tuple[str, ...]
+    gates: tuple[str, ...]
 
 
 def secret_env_values(env: Mapping[str, str]) -> tuple[str, ...]:
-    """The values of `env` to redact literally, longest first (a value inside another goes last)."""
+    """The values of `env` whose names look secret (see ENV_SECRET_NAME_PATTERN), longest first."""
     values = set()
     for name, value in env.items():
         if not isinstance(name, str) or not isinstance(value, str):
@@ -161,3 +222,17 @@ def secret_env_values(env: Mapping[str, str]) -> tuple[str, ...]:
         if stripped != value:
             values.add(stripped)
     return tuple(sorted(values, key=lambda v: (-len(v), v)))
+
+
+def env_secrets(env: Mapping[str, str]) -> EnvSecrets:
+    """The literal secrets of `env`: its secret values and their encoded forms."""
+    forms: set[str] = set()
+    for value in secret_env_values(env):
+        forms.add(value)
+        forms |= encoded_forms(value.strip())
+    ordered = tuple(sorted(forms, key=lambda f: (-len(f), f)))
+    gates: list[str] = []
+    for form in reversed(ordered):  # shortest first: a longer form holding a gate needs none
+        if not any(gate in form for gate in gates):
+            gates.append(form)
+    return EnvSecrets(ordered, tuple(gates))

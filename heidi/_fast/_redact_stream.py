@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from . import _redact_rules as _rules
 
-__all__ = ("KEY_BLOCK_MAX_CHARS", "LineRedactor", "redact_lines")
+__all__ = ("CUT_OVERLAP_CHARS", "KEY_BLOCK_MAX_CHARS", "LineRedactor", "redact_lines")
 
 # A BEGIN ... PRIVATE KEY line opens a block: every line after it is hidden -- whatever it looks
 # like, since other output may be interleaved with the key -- until its END line, or until this
@@ -18,6 +18,12 @@ __all__ = ("KEY_BLOCK_MAX_CHARS", "LineRedactor", "redact_lines")
 # the rest of a multi-day log. The largest PEM private keys (RSA 16384, PGP key blocks with
 # subkeys) are 10-20 kB, so a whole key stays hidden.
 KEY_BLOCK_MAX_CHARS = 64 * 1024
+
+# A line too long to hold (a stage log's 64 KiB) is redacted in pieces. So that a secret
+# straddling a cut is seen whole, a piece's last characters are held back and redacted again at
+# the head of the next piece: at least this many, several times the longest real token (JWTs
+# run to a few KB; a hex-encoded secret is twice its length).
+CUT_OVERLAP_CHARS = 8 * 1024
 
 _ANSI = re.compile(_rules.ANSI_PATTERN)
 _PEM_BEGIN = re.compile(_rules.PEM_BEGIN_PATTERN)
@@ -70,6 +76,36 @@ class LineRedactor:
         if "-----BEGIN" not in line:
             return self._redact(line)
         return self._cut_blocks(line)
+
+    def piece(self, text: str) -> tuple[str | None, str]:
+        """A piece of a line too long to hold, without its end: (what may be shown of it now,
+        or None; the tail of `text` to put, unredacted, in front of the next piece).
+
+        The tail held back is the last CUT_OVERLAP_CHARS characters when redacting `text` whole
+        left them untouched: then no secret that starts before them and is at most that long
+        crosses the cut, and one that starts in them is redacted with the next piece. When a
+        match reaches into them, a cut further back is taken where redacting the two sides
+        apart gives what redacting the whole gives (no match crosses it). If none within half
+        the piece does (one match longer than that), or within a private-key block, the piece
+        is shown whole and nothing is held back, as a line is.
+        """
+        if "\x1b" in text:
+            text = _ANSI.sub("", text)
+        keep = CUT_OVERLAP_CHARS
+        if self._in_block or "-----BEGIN" in text or len(text) < 2 * keep:
+            return self.line(text), ""
+        redact = self._redact
+        whole = redact(text)
+        if whole.endswith(text[-keep:]):
+            return whole[:len(whole) - keep], text[-keep:]
+        keep *= 2
+        while keep <= len(text) // 2:
+            head, tail = text[:-keep], text[-keep:]
+            shown = redact(head)
+            if whole.startswith(shown) and shown + redact(tail) == whole:
+                return shown, tail
+            keep *= 2
+        return whole, ""
 
     def _cut_blocks(self, line: str) -> str:
         pieces = []

@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import no_extensions
-from ._redact_stream import KEY_BLOCK_MAX_CHARS, LineRedactor, redact_lines
+from ._redact_rules import env_name_is_secret
+from ._redact_stream import CUT_OVERLAP_CHARS, KEY_BLOCK_MAX_CHARS, LineRedactor, redact_lines
 
-__all__ = ("COMPILED", "KEY_BLOCK_MAX_CHARS", "LineRedactor", "RULE_NAMES", "Redactor",
-           "default_redactor", "redact", "redact_lines", "reset_default_redactor")
+__all__ = ("COMPILED", "CUT_OVERLAP_CHARS", "KEY_BLOCK_MAX_CHARS", "LineRedactor", "RULE_NAMES",
+           "Redactor", "default_redactor", "env_name_is_secret", "redact", "redact_lines",
+           "reset_default_redactor")
 
 if TYPE_CHECKING:
     from ._redact_py import RULE_NAMES, Redactor, default_redactor, redact, reset_default_redactor

@@ -3,9 +3,11 @@
 
 A sample's code is the first fenced code block of its `output` (the whole output if it has
 none); its tests are the `assert` lines of its `input` (the built-in tasks of `heidi generate`
-carry them there). A sample without tests is dropped as untested. Code and tests run together in a fresh, isolated interpreter (sys.executable -I)
-in an empty temporary directory, with a timeout; the process group is killed on timeout. A few
-run in parallel. Generated code is untrusted: on a shared box, run this stage in a sandbox.
+carry them there). A sample without tests is dropped as untested. Code and tests run together in
+a fresh, isolated interpreter (sys.executable -I) in an empty temporary directory, with a timeout
+and a minimal environment (no keys, no tokens: see sample_env); the process group is killed on
+timeout. A few run in parallel. Generated code is untrusted: on a shared box, run this stage in a
+sandbox.
 
 Contract: --input CLEAN --output TESTED [--timeout-s 5]; exit 0 when TESTED is written, 1 if no
 sample passes.
@@ -33,6 +35,19 @@ def code_and_tests(sample):
     return code, tests
 
 
+# Variables a sample's interpreter may need to start and to print text; nothing else of this
+# stage's environment (API keys, tokens, cloud credentials) reaches generated code.
+PASSED_ON = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "LD_LIBRARY_PATH")
+
+
+def sample_env(workdir):
+    """The whole environment of a sample's interpreter: HOME and TMPDIR are its empty directory."""
+    env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env.update(HOME=workdir, TMPDIR=workdir, PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
 def run_one(sample, timeout_s, workdir):
     """'passed', 'failed', 'timeout' or 'untested', and the last line of the error output."""
     code, tests = code_and_tests(sample)
@@ -40,7 +55,7 @@ def run_one(sample, timeout_s, workdir):
         return "untested", "no assert lines in its input"
     source = "{}\n\n{}\n".format(code, tests)
     proc = subprocess.Popen([sys.executable, "-I", "-c", source], cwd=workdir,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            env=sample_env(workdir), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout_s)
