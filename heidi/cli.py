@@ -430,8 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_FAILED
     except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"heidi:{where}: {exc.strerror or exc}", file=sys.stderr)
+        from .errors import os_error_line  # one line: the path and what went wrong
+        print(f"heidi: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
 
