@@ -113,3 +113,37 @@ class DiskWait:
             if left <= 0:
                 return
             time.sleep(min(_POLL_S, left))
+
+
+def daemon_waiting(out_dir: str, holder_pid: int | None, token: str | None,
+                   timeout_s: float = 1.0) -> str | None:
+    """What the daemon holding the run waits for, asked over its API (it keeps that in memory:
+    on a full disk no file of the run can say it); None when no daemon holds the run or it does
+    not answer within timeout_s."""
+    if not holder_pid or holder_pid <= 0:
+        return None
+    import json
+    try:
+        with open(os.path.join(out_dir, "daemon.json"), "rb") as fh:
+            info = json.loads(fh.read(4096))
+        if not isinstance(info, dict) or info.get("pid") != holder_pid:
+            return None
+        host, port = str(info["host"]), int(info["port"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    import http.client
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/api/v1/status",
+                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return None
+        view = json.loads(resp.read(1 << 20))
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    waiting = view.get("waiting") if isinstance(view, dict) else None
+    return waiting if isinstance(waiting, str) else None
