@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from helpers_loop import make_config
-from test_daemon import Daemon, daemon_env, get_json, heidi, request
+from test_daemon import Daemon, daemon_env, get_json, heidi, request, wait_for
 
 FS_BYTES = 2 * 1024 * 1024
 ENOSPC_TEXT = os.strerror(errno.ENOSPC)
@@ -258,8 +258,9 @@ FILL_THEN_TALK = textwrap.dedent("""\
 """)
 
 
-def test_daemon_waits_out_a_full_disk(small_fs, tmp_path):
-    out = str(small_fs / "out")
+def _pipeline(small_fs, tmp_path) -> tuple[str, dict[str, str], str]:
+    """(heidi.toml, env, filler path) of a real 1-round pipeline whose generate stage fills the
+    small filesystem, then prints 200 lines its log has no room for."""
     filler = str(small_fs / "filler")
     script = tmp_path / "fill_then_talk.py"  # outside the small filesystem
     script.write_text(FILL_THEN_TALK)
@@ -278,7 +279,13 @@ def test_daemon_waits_out_a_full_disk(small_fs, tmp_path):
         """))
     env = _env(HEIDI_MOCK_SUBPROCESSES=None, HEIDI_PYTHON=sys.executable, MAX_CPU_PCT="100",
                MAX_MEM_PCT="100")
-    d = Daemon(tmp_path, env, "--config", str(tmp_path / "heidi.toml"), out="fs/out")
+    return str(tmp_path / "heidi.toml"), env, filler
+
+
+def test_daemon_waits_out_a_full_disk(small_fs, tmp_path):
+    out = str(small_fs / "out")
+    config, env, filler = _pipeline(small_fs, tmp_path)
+    d = Daemon(tmp_path, env, "--config", config, out="fs/out")
     try:
         d.wait_listening()
         view = d.wait_status(lambda v: bool(v.get("waiting")), timeout=30, what="a wait on the full disk")
@@ -312,3 +319,90 @@ def test_daemon_waits_out_a_full_disk(small_fs, tmp_path):
     done = heidi(["verify", "--out-dir", out], env, str(tmp_path))
     assert done.returncode == 0 and "behind" not in done.stdout, done.stdout + done.stderr
     assert "space is back" in d.stderr()
+
+
+def test_sigterm_while_waiting_leaves_the_run_interrupted(small_fs, tmp_path):
+    out = str(small_fs / "out")
+    config, env, filler = _pipeline(small_fs, tmp_path)
+    d = Daemon(tmp_path, env, "--config", config, out="fs/out")
+    try:
+        d.wait_listening()
+        d.wait_status(lambda v: bool(v.get("waiting")), timeout=30, what="a wait on the full disk")
+        started = time.monotonic()
+        assert d.terminate() == 0
+        assert time.monotonic() - started < 3.0  # the wait looks at signals 4 times a second
+    finally:
+        d.kill()
+    assert "SIGTERM received" in d.stderr()
+    journal = os.path.join(out, "events.jsonl")
+    whole_lines(journal)
+    done = heidi(["verify", "--out-dir", out], env, str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert tmp_files(out) == []
+    os.unlink(filler)
+
+
+def test_heidi_run_waits_out_a_full_disk(small_fs, tmp_path):
+    out = str(small_fs / "out")
+    config, env, filler = _pipeline(small_fs, tmp_path)
+    err_path = tmp_path / "run.err"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "heidi", "run", "--out-dir", out,
+                                 "--config", config], env=env, cwd=str(tmp_path),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    try:
+        wait_for(lambda: b"disk full" in err_path.read_bytes() or proc.poll() is not None,
+                 timeout=30, what="heidi run to wait for space")
+        assert proc.poll() is None, err_path.read_text()
+        first = err_path.read_text().splitlines()[0]
+        assert first.startswith(f"heidi: disk full: {out}") and ENOSPC_TEXT in first
+        os.unlink(filler)
+        assert proc.wait(60) == 0, err_path.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    assert "space is back" in err_path.read_text()
+    kinds = [e["event_type"] for e in whole_lines(os.path.join(out, "events.jsonl"))]
+    assert kinds[-1] == "pipeline_complete" and kinds.count("script_success") == 4
+    done = heidi(["verify", "--out-dir", out], env, str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- DiskWait: which errors are waits ----------------------------------------------------------
+
+def test_diskwait_retries_only_a_full_disk():
+    from heidi.interrupt import Interrupt, Interrupted
+    from heidi.waiting import DiskWait
+    logged: list[str] = []
+    wait = DiskWait(Interrupt(), logged.append, first_s=0.01, max_s=0.02)
+    calls = []
+
+    def full_twice():
+        calls.append(1)
+        if len(calls) <= 2:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/q/events.jsonl")
+        return "written"
+
+    assert wait.run(full_twice) == "written" and len(calls) == 3
+    assert wait.waiting is None
+    assert logged[0].startswith(f"disk full: /q/events.jsonl: {os.strerror(errno.EDQUOT)} (since ")
+    assert logged[-1].startswith("space is back after") and len(logged) == 2
+
+    def broken():
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "/q/state.json")
+    with pytest.raises(OSError) as info:
+        wait.run(broken)  # not a wait: at once, as it came
+    assert info.value.errno == errno.EIO and wait.waiting is None
+
+    interrupt = Interrupt()
+    wait = DiskWait(interrupt, logged.append, first_s=10.0)
+
+    def full():
+        interrupt.set(15)
+        raise OSError(errno.ENOSPC, ENOSPC_TEXT, "/q")
+    started = time.monotonic()
+    with pytest.raises(Interrupted):
+        wait.run(full)
+    assert time.monotonic() - started < 1.0
