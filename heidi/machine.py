@@ -73,7 +73,7 @@ class Machine:
         self._seen: tuple[Any, Any] | None = None
         # Set by the daemon and `heidi run`: a full disk is waited out in place, the transition
         # going on where it stopped. None (a tick): a full disk is an error, one line naming the
-        # path -- but a stage's outcome is always waited for (see _outcome_wait).
+        # path -- but a stage's outcome is always waited for (see _waiting_for_space).
         self.disk_wait: DiskWait | None = None
         self._journal_path, self._state_path = config.journal_path, config.state_path
 

@@ -406,3 +406,21 @@ def test_diskwait_retries_only_a_full_disk():
     with pytest.raises(Interrupted):
         wait.run(full)
     assert time.monotonic() - started < 1.0
+
+
+def test_daemon_loop_ends_on_another_io_error_with_one_line(tmp_path, capsys):
+    """EIO is not a wait: the loop ends (the daemon exits 1) with one line naming the path."""
+    from types import SimpleNamespace
+
+    from heidi.daemon.service import Daemon as DaemonService
+    service = DaemonService(make_config(tmp_path))
+    journal = str(tmp_path / "out" / "events.jsonl")
+
+    def tick():
+        raise OSError(errno.EIO, os.strerror(errno.EIO), journal)
+
+    machine = SimpleNamespace(apply_requests=lambda: None, tick=tick, state={
+        "status": "running", "paused": False, "state": "COLLECTING"})
+    service._loop(machine)  # type: ignore[arg-type]
+    assert service.loop_error == f"{journal}: {os.strerror(errno.EIO)}"
+    assert capsys.readouterr().err == f"heidi daemon: the loop failed: {service.loop_error}\n"
