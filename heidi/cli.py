@@ -251,12 +251,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    view = core.status(_config(args))
+    from .waiting import daemon_waiting
+    cfg = _config(args)
+    view = core.status(cfg)
+    # a daemon waiting out a full disk says so over its API (no file of the run can)
+    view["waiting"] = daemon_waiting(cfg.out_dir, view.get("holder_pid"), cfg.api_token)
     if args.json:
         _print_json(view)
     else:
         # One line still (scripts read it): which containment the stages have, at its end.
-        print(f"{_status_line(view)}; containment: {view['containment']}")
+        waiting = f"; waiting: {view['waiting']}" if view["waiting"] else ""
+        print(f"{_status_line(view)}{waiting}; containment: {view['containment']}")
     return _exit_for(view)
 
 
@@ -430,8 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return EXIT_FAILED
     except OSError as exc:
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"heidi:{where}: {exc.strerror or exc}", file=sys.stderr)
+        from .errors import os_error_line  # one line: the path and what went wrong
+        print(f"heidi: {os_error_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
 

@@ -17,6 +17,7 @@ from .lock import lock_holder
 from ._fast._supervise_cgroup import running_containment
 from .loop import judge_action
 from .status import read_state, status_view
+from .waiting import DiskWait, stderr_line
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -86,6 +87,8 @@ def run(config: Config, mode: str | None = None,
     # Taking the run for a long stay: the whole chain is checked, not only its head.
     with signals_interrupt(Interrupt()) as interrupt, \
             _machine(config, interrupt).open(verify_chain=True) as machine:
+        # a long stay: a full disk is waited out (one line on stderr), not the end of the run
+        machine.disk_wait = DiskWait(interrupt, stderr_line, machine.clock)
         state = machine.state
         if state is not None and state["status"] == "completed" and state["run_id"] == config.run_id:
             return {**machine.status(), "already_completed": True}  # completed since we looked

@@ -39,7 +39,7 @@ def read_counters(path: str) -> tuple[dict[str, Any], str | None]:
     except FileNotFoundError:
         return {}, None
     except OSError as exc:
-        return {}, f"cannot read {ENV_NAME}: {exc.strerror}"
+        return {}, f"cannot read {ENV_NAME} {path}: {exc.strerror}"
     if not data.strip():
         return {}, None
     if len(data) > MAX_BYTES:

@@ -41,7 +41,21 @@ class StateError(HeidiError):
     exit_code = EXIT_FAILED
 
 
+def os_error_line(exc: OSError) -> str:
+    """`<path>: <strerror>` (`<src> -> <dst>: ...` for a rename), as one line; the bare error
+    when the OSError names no file."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is None:
+        return what
+    where = str(exc.filename)
+    if exc.filename2 is not None:
+        where += f" -> {exc.filename2}"
+    return f"{where}: {what}"
+
+
 def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return os_error_line(exc).splitlines()[0]
     text = str(exc).strip()
     line = text.splitlines()[0] if text else ""
     if isinstance(exc, HeidiError) and line:

@@ -18,6 +18,7 @@ from .errors import ConfigError, HeidiError, UsageError
 from .providers import (DEFAULT_MODELS, AnthropicProvider, MockProvider, OpenAIProvider,
                         Provider, is_loopback)
 from .tasks import SYSTEM_PROMPT, MockTeacher, make_task, user_content
+from .waiting import with_path
 
 PROGRESS_EVERY_S = 5.0
 KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -219,8 +220,11 @@ def run_generate(cfg: Config, samples: int, output: str, prompts_path: str | Non
                          "latency_ms": result.latency_ms}}) + b"\n"
         # One write per line on an O_APPEND fd: a kill leaves whole lines (or one torn tail).
         view = memoryview(line)
-        while view:
-            view = view[os.write(fd, view):]
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as exc:
+            raise with_path(exc, output) from None
         written += 1
         progress.done += 1
         progress.new += 1
@@ -237,7 +241,10 @@ def run_generate(cfg: Config, samples: int, output: str, prompts_path: str | Non
     try:
         if todo:
             asyncio.run(main())
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            raise with_path(exc, output) from None
     finally:
         os.close(fd)
         if progress.tty:

@@ -16,6 +16,7 @@ from ._fast._chain_types import KEYS, JournalError  # noqa: F401 (journal.KEYS: 
 from .clock import Clock, clock_from_env
 from .errors import StateError
 from .status import read_state
+from .waiting import with_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -212,6 +213,7 @@ class JournalWriter:
         self.batch = batch
         self._pending: list[bytes] = []
         self._dirty = False
+        self._torn = False  # a failed write may have left bytes past _disk_size
         self._changed: JournalChanged | None = None
         flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
         try:
@@ -291,7 +293,7 @@ class JournalWriter:
         _atomic.atomic_write(aside, fragment, 0o600, self.fsync)
         os.truncate(self.path, self._disk_size)
         if self.fsync:
-            os.fdatasync(self._fd)
+            self._fdatasync()
         self.repaired = aside
 
     @property
@@ -361,6 +363,8 @@ class JournalWriter:
         return line
 
     def _append(self, data: bytes) -> None:
+        if self._torn:
+            self._cut_back(self._disk_size)  # an earlier failed write's bytes, if still there
         # Still the size this writer left it? Otherwise another process wrote to it (or cut it):
         # append nothing, now or later, and say at which line it changed.
         if self._changed is None and os.fstat(self._fd).st_size != self._disk_size:
@@ -369,11 +373,31 @@ class JournalWriter:
         if self._changed is not None:
             self._pending.clear()
             raise self._changed
-        _atomic.write_all(self._fd, data)
+        try:
+            _atomic.write_all(self._fd, data)
+        except OSError as exc:
+            # A full disk may take part of the data (a short write, then ENOSPC): cut it back to
+            # the last whole line, so that no later append builds on a torn one.
+            self._torn = True
+            try:
+                self._cut_back(self._disk_size)
+            except OSError:
+                pass  # _torn stays set: the next append cuts back first
+            raise with_path(exc, self.path) from None
         self._disk_size += len(data)
 
+    def _cut_back(self, size: int) -> None:
+        """Truncate the file to `size` (bytes this writer wrote past it are dropped)."""
+        try:
+            os.ftruncate(self._fd, size)
+        except OSError as exc:
+            raise with_path(exc, self.path) from None
+        self._disk_size = size
+        self._torn = False
+
     def flush(self) -> None:
-        """Write the lines held back in batch mode (one write(2) for all of them)."""
+        """Write the lines held back in batch mode (one write(2) for all of them); on an error
+        they are still held (nothing of them stays in the file), for a later flush to write."""
         if self._pending:
             data = b"".join(self._pending)
             self._append(data)
@@ -382,11 +406,40 @@ class JournalWriter:
 
     def sync(self) -> None:
         """Make every append since the last sync durable: one fdatasync for a whole transition
-        (the journal alone makes a transition durable; state.json is rebuilt from it)."""
-        self.flush()
-        if self._dirty and self.fsync:
-            os.fdatasync(self._fd)
+        (the journal alone makes a transition durable; state.json is rebuilt from it).
+
+        An error leaves the journal as the last successful sync left it: lines written by this
+        call but not made durable are cut back and held, so calling sync again (once the disk
+        has room) writes them again rather than trusting pages a failed fdatasync may have lost.
+        """
+        if not self._pending:
+            if self._dirty and self.fsync:
+                self._fdatasync()
+            self._dirty = False
+            return
+        start, head = self._disk_size, self._disk_head
+        data = b"".join(self._pending)
+        self._append(data)
+        if self.fsync:
+            try:
+                self._fdatasync()
+            except OSError:
+                self._disk_head = head
+                try:
+                    self._cut_back(start)
+                except OSError:
+                    self._torn = True
+                    self._disk_size = start
+                raise
+        self._pending.clear()
+        self._disk_head = (self.count, self.prev_hash)
         self._dirty = False
+
+    def _fdatasync(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise with_path(exc, self.path) from None
 
     def close(self) -> None:
         if self._fd >= 0:

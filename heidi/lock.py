@@ -18,6 +18,11 @@ def _pid_record(pid: int) -> bytes:
     return b"%-10d\n" % pid
 
 
+def _named(exc: OSError, path: str) -> OSError:
+    """exc naming the lock file (flock, pread and pwrite name none)."""
+    return exc if exc.filename is not None else OSError(exc.errno, exc.strerror, path)
+
+
 class RunLock:
     """An exclusive, non-inheritable flock; released by the kernel if the holder dies."""
 
@@ -42,6 +47,9 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             raise RunLocked(f"{self.path}: another heidi process holds this run") from None
+        except OSError as exc:
+            os.close(fd)
+            raise _named(exc, self.path) from None
         except BaseException:
             os.close(fd)
             raise
@@ -51,7 +59,10 @@ class RunLock:
         record = _pid_record(os.getpid())
         try:
             if os.pread(fd, len(record) + 1, 0) != record:
-                os.pwrite(fd, record, 0)
+                os.pwrite(fd, record, 0)  # a new lock file on a full disk: ENOSPC
+        except OSError as exc:
+            os.close(fd)
+            raise _named(exc, self.path) from None
         except BaseException:
             os.close(fd)
             raise

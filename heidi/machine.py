@@ -6,11 +6,12 @@ can always be rebuilt from events.jsonl.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 from . import control
 from ._fast._chain_types import JournalError
@@ -26,6 +27,7 @@ from .loop import (ACTIVE_STATUSES, ENDED_STATUSES, NEXT_ROUND, STAGE_OF,  # noq
                    STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome, StageRunner,
                    apply_event, empty_state, judge_action, new_run_id, next_state)
 from .status import StatusWriter, fingerprint, read_state, status_view
+from .waiting import DiskWait, check_room, stderr_line
 
 _chain = LazyModule("heidi._fast.chain")
 
@@ -69,6 +71,10 @@ class Machine:
         self.journal: JournalWriter | None = None
         # fingerprints of (journal, state.json) as this process last wrote them; None: unknown
         self._seen: tuple[Any, Any] | None = None
+        # Set by the daemon and `heidi run`: a full disk is waited out in place, the transition
+        # going on where it stopped. None (a tick): a full disk is an error, one line naming the
+        # path -- but a stage's outcome is always waited for (see _waiting_for_space).
+        self.disk_wait: DiskWait | None = None
         self._journal_path, self._state_path = config.journal_path, config.state_path
 
     # -- opening, recovery ---------------------------------------------------------------
@@ -109,11 +115,16 @@ class Machine:
         try:
             if self.journal is not None:
                 journal, self.journal = self.journal, None
+                held_back = journal.pending
                 try:
                     journal.close()
-                except BaseException:
+                except BaseException as exc:
                     self._seen = None
-                    raise
+                    # Lines held back are there only because something failed mid-transition
+                    # (a full disk, a signal) and was raised already: when they cannot be
+                    # written either, the journal stays as the last transition left it.
+                    if not (held_back and isinstance(exc, OSError)):
+                        raise
         finally:
             self.lock.release()
 
@@ -205,11 +216,12 @@ class Machine:
                 if verify_chain or touched or journal_size != head.size:
                     _verify_upto(fh, head, cfg.journal_path)
                 if journal_size > head.size:
+                    # state.json was merely behind (a crash, a power loss, a full disk between
+                    # the journal and it): caught up and rewritten, nothing journaled -- so a
+                    # tick failing again and again on a full disk appends nothing
                     before = head.events
                     state, head = self._replay(fh, state, head)
-                    if head.events > before:
-                        note = (f"state.json caught up with the journal ({head.events - before} "
-                                f"events it had missed)")
+                    touched = touched or head.events > before
         assert state is not None
         self.state = state
         self.journal = JournalWriter(cfg.journal_path, state["run_id"], self.clock,
@@ -219,6 +231,9 @@ class Machine:
             # the writer set a torn last line aside and journaled it: fold that event in too
             apply_event(state, self.journal.last_event)  # type: ignore[arg-type]
         if note is not None:
+            # state.json first: while it cannot be written (a full disk) the rebuild is not
+            # journaled, or each failing tick would append another state_recovered
+            self._save()
             self._emit("state_recovered", note, level="warn")
         if note is not None or self.journal.repaired is not None or touched:
             self._save()  # touched alone: record the new mtime, so the next tick is O(1) again
@@ -270,9 +285,31 @@ class Machine:
         # Fold what was written (redacted, truncated): replay must give the same state.
         apply_event(self.state, self.journal.last_event)  # type: ignore[arg-type]
 
+    def _io(self, wait: DiskWait | None, fn: Any, *args: Any) -> Any:
+        """fn(*args), a full disk waited out when `wait` is set (else its OSError is raised)."""
+        return fn(*args) if wait is None else wait.run(fn, *args)
+
+    @contextlib.contextmanager
+    def _waiting_for_space(self) -> Iterator[None]:
+        """Inside, a full disk is waited out even by a tick (one line on stderr): what a stage
+        did -- hours of training -- is journaled once there is space, never thrown away."""
+        if self.disk_wait is not None:
+            yield
+            return
+        self.disk_wait = DiskWait(self.interrupt, stderr_line, self.clock)
+        try:
+            yield
+        finally:
+            self.disk_wait = None
+
     def _save(self) -> None:
         """End a transition: the journal's lines written and fdatasynced (that makes it durable),
-        then state.json replaced (not synced: a cache of the journal)."""
+        then state.json replaced (not synced: a cache of the journal). On a full disk the
+        journal is left as before (a short write cut back, the lines held) and state.json's tmp
+        file removed; with disk_wait set it is tried again until it succeeds."""
+        self._io(self.disk_wait, self._write_out)
+
+    def _write_out(self) -> None:
         assert self.journal is not None and self.state is not None
         self.journal.sync()
         journal_seen = fingerprint(self._journal_path)
@@ -386,6 +423,9 @@ class Machine:
         self.apply_requests()
         if state["state"] in ("IDLE", "ERROR") or state["paused"]:
             return False
+        # Room for a transition before one begins: on a full disk a tick appends nothing (a
+        # daemon waits here), and no stage is started only to fail for want of space.
+        self._io(self.disk_wait, check_room, self.config.out_dir)
         if state["stage_status"] in ("succeeded", "done"):
             # The previous holder died after the stage's work was journaled: finish, don't redo.
             if state["stage_status"] == "succeeded":
@@ -420,11 +460,22 @@ class Machine:
             self._emit("stage_start", f"Starting {stage}", stage=stage, artifact_paths=owned)
             self._save()  # a crash from here on is seen as an interrupted stage
             for path in make:
-                os.makedirs(path, mode=0o700, exist_ok=True)
+                self._io(self.disk_wait, _makedirs, path)
         ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))
-        outcome = self.stage_runner(ctx, stage, round_)
+        # A full disk before the stage's process starts (its log, the train/val split) is
+        # raised by the runner: waited out by a daemon (the runner is called again), an error
+        # for a tick (the stage runs again at the next one).
+        outcome = self._io(self.disk_wait, self.stage_runner, ctx, stage, round_)
+        with self._waiting_for_space():
+            self._record_outcome(stage, outcome)
+
+    def _record_outcome(self, stage: str, outcome: StageOutcome) -> None:
+        """Journal how the stage went and where the loop goes from here (one transition)."""
+        state = self.state
+        assert state is not None
+        machine_state, round_ = state["state"], state["current_round"]
         if outcome.stopped and self.interrupt and not control.stop_pending(self.config.control_dir):
             # A signal ended the process, not the run: the stage stays "running" in the state,
             # so the next holder journals stage_interrupted and runs it again.
@@ -458,9 +509,11 @@ class Machine:
         self._save()
 
     def _stage_warn(self, stage: str, event_type: str, message: str) -> None:
-        """StageContext.warn: a warn event about the running stage, durable at once."""
+        """StageContext.warn: a warn event about the running stage, durable at once (waiting for
+        space if need be: it may come after the stage ran, before its outcome)."""
         self._emit(event_type, message, stage=stage, level="warn")
-        self._save()
+        with self._waiting_for_space():
+            self._save()
 
     def _advance_round(self) -> None:
         state = self.state
@@ -558,6 +611,10 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
         return "behind", (f"state.json is behind the journal (it records {want} events); the next "
                           "process that takes the run catches it up")
     return "matches", "state.json matches the journal"
+
+
+def _makedirs(path: str) -> None:
+    os.makedirs(path, mode=0o700, exist_ok=True)
 
 
 def _short(value: Any) -> str:

@@ -11,6 +11,7 @@ import random
 from typing import BinaryIO
 
 from heidi._fast.atomic import fsync_dir
+from heidi.waiting import with_path
 
 __all__ = ["split_file", "val_count"]
 
@@ -44,17 +45,23 @@ class _AtomicOutput:
         self.fh = open(fd, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed by commit/discard
 
     def commit(self) -> None:
-        self.fh.flush()
-        if self.fsync:
-            os.fsync(self.fh.fileno())
-        self.fh.close()
-        os.rename(self.tmp, self.path)
+        try:
+            self.fh.flush()
+            if self.fsync:
+                os.fsync(self.fh.fileno())
+            self.fh.close()
+            os.rename(self.tmp, self.path)
+        except OSError as exc:
+            raise with_path(exc, self.path) from None
         self.committed = True
 
     def discard(self) -> None:
         if self.committed:
             return
-        self.fh.close()
+        try:
+            self.fh.close()  # flushes what is buffered: fails again on a full disk
+        except OSError:
+            pass
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:
@@ -74,8 +81,10 @@ def split_file(source: str, train_path: str, val_path: str, val_ratio: float, se
         raise ValueError(f"no data to train on: {source} is empty")
     n_val = val_count(n, val_ratio)
     rng = random.Random(seed)
-    outputs = [_AtomicOutput(train_path, mode, fsync), _AtomicOutput(val_path, mode, fsync)]
+    outputs: list[_AtomicOutput] = []
     try:
+        outputs.append(_AtomicOutput(train_path, mode, fsync))
+        outputs.append(_AtomicOutput(val_path, mode, fsync))
         train_out, val_out = outputs[0].fh, outputs[1].fh
         seen = picked = 0
         with open(source, "rb", buffering=_BUFFER) as fh:
@@ -84,10 +93,15 @@ def split_file(source: str, train_path: str, val_path: str, val_ratio: float, se
                     seen += 1
                     continue
                 if rng.random() * (n - seen) < n_val - picked:
-                    val_out.write(line)
+                    target = val_out
                     picked += 1
                 else:
-                    train_out.write(line)
+                    target = train_out
+                try:  # free unless it raises (3.11)
+                    target.write(line)
+                except OSError as exc:
+                    # a buffered write names no file: name the output it was for
+                    raise with_path(exc, val_path if target is val_out else train_path) from None
                 seen += 1
         if seen != n:
             raise ValueError(f"{source} changed while it was being split "

@@ -17,9 +17,11 @@ from .config import PLACEHOLDER_RE
 from .counters import ENV_NAME as COUNTERS_ENV
 from .counters import counters_path, read_counters
 from .counters import prepare as prepare_counters
+from .errors import one_line
 from .loop import StageContext, StageOutcome
 from .split import split_file
 from .stagelog import StageLog
+from .waiting import is_disk_full
 
 if TYPE_CHECKING:
     from .config import Config
@@ -216,8 +218,13 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     if stage == "train":
         try:
             _, _, n_train, n_val = split_round(cfg, round_)
-        except (ValueError, OSError) as exc:
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise  # a wait (the daemon runs the split again once there is space), not a failure
             # Redacted before it is cut: a cut secret would no longer match its pattern.
+            line = default_redact(one_line(exc))
+            return StageOutcome(ok=False, error=line[:200], output_tail=line)
+        except ValueError as exc:
             message = default_redact(str(exc))
             return StageOutcome(ok=False, error=message[:200], output_tail=message)
         counters = {"train_samples": n_train, "val_samples": n_val}
@@ -242,6 +249,10 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
                                 should_stop=ctx.stop_requested)
     finally:
         log.close()
+    if log.error is not None:
+        # The stage's own log could not be written (a full disk): the stage went on, its tail is
+        # kept in memory; say so in the journal (the outcome follows, once there is space).
+        ctx.warn("stage_log_failed", f"{log.error}; the rest of {stage}'s output was not logged")
     after = sampler.sample()
     wall_s = max(result.wall_ms / 1000.0, 1e-6)
     usage = {

@@ -141,8 +141,7 @@ def test_state_json_behind_the_journal_is_caught_up_not_refused(run):
     proc = _cli(run, "tick")
     assert (proc.returncode, proc.stderr) == (0, "")
     events = [orjson.loads(line) for line in _lines(run)]
-    recovered = [e for e in events if e["event_type"] == "state_recovered"]
-    assert len(recovered) == 1 and "caught up" in recovered[0]["message"]
+    assert not [e for e in events if e["event_type"] == "state_recovered"]  # merely behind
     proc = _cli(run, "verify", "--json")
     assert proc.returncode == 0 and orjson.loads(proc.stdout)["state"] == "matches"
 

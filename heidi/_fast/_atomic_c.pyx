@@ -38,10 +38,12 @@ cdef int _write_all(int fd, const char *buf, Py_ssize_t size) nogil:
     return 0
 
 
-cdef _raise(str what, bytes path=None):
+cdef _raise(bytes path=None):
+    # Without a path (write_all: the caller knows which file the fd is), as os.write raises it:
+    # the caller adds its path, never a syscall's name where a path belongs.
     cdef int err = errno
     if path is None:
-        raise OSError(err, strerror(err).decode(), what)
+        raise OSError(err, strerror(err).decode())
     raise OSError(err, strerror(err).decode(), os.fsdecode(path))
 
 
@@ -54,7 +56,7 @@ def write_all(int fd, const unsigned char[:] data not None):
     with nogil:
         rc = _write_all(fd, <const char *>&data[0], size)
     if rc < 0:
-        _raise("write")
+        _raise()
 
 
 def fsync_dir(dirname):
@@ -65,12 +67,12 @@ def fsync_dir(dirname):
     with nogil:
         fd = c_open(cdir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
     if fd < 0:
-        _raise("open", bdir)
+        _raise(bdir)
     with nogil:
         rc = c_fsync(fd)
         c_close(fd)
     if rc < 0:
-        _raise("fsync", bdir)
+        _raise(bdir)
 
 
 def atomic_write(path, data, int mode=0o600, bint fsync=True):
@@ -91,7 +93,7 @@ def atomic_write(path, data, int mode=0o600, bint fsync=True):
     with nogil:
         fd = c_open(ctmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
     if fd < 0:
-        _raise("open", btmp)
+        _raise(btmp)
     with nogil:
         rc = fchmod(fd, mode)  # the umask may have cleared bits we asked for
         if rc == 0 and size:

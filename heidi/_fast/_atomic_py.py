@@ -26,6 +26,8 @@ def fsync_dir(dirname: str) -> None:
     fd = os.open(dirname or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, dirname or ".") from None
     finally:
         os.close(fd)
 
@@ -45,11 +47,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) 
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None:
+            # a write or fsync that failed names no file: name the one being replaced, as the
+            # compiled twin does
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
         raise
     if fsync:
         fsync_dir(dirname)

@@ -24,6 +24,7 @@ from ..limits import apply_limits
 from ..loop import STATES, judge_action
 from ..machine import Machine
 from ..status import read_state, status_view
+from ..waiting import DiskWait, is_disk_full
 from .api import Server, make_server, url
 from .auth import Auth, check_bind
 from .pidfile import remove_if_ours, write_file
@@ -53,6 +54,9 @@ class Daemon:
         self._action_lock = threading.Lock()
         self.auth = Auth(config)
         self.interrupt = Interrupt()  # set by a signal: the Machine ends its stage, keeps the run
+        # The loop's writes wait out a full disk; its line ("disk full: <path>: ...") is kept
+        # here, in memory, for the API: state.json may be the very file that cannot be written.
+        self.disk_wait = DiskWait(self.interrupt, lambda line: self.log(f"heidi daemon: {line}"))
 
     # -- logging (stderr, the log file when detached); never the token, never headers ------------
     def log(self, message: str) -> None:
@@ -81,7 +85,9 @@ class Daemon:
 
     # -- HTTP side: reads the disk, queues requests; never touches the Machine ------------------
     def status(self) -> dict[str, Any]:
-        return core_status(self.config)
+        view = core_status(self.config)
+        view["waiting"] = self.disk_wait.waiting  # None, or what the loop waits for
+        return view
 
     def queue_action(self, action: str) -> tuple[int, dict[str, Any]]:
         """The checks `heidi <action>` makes against a held run, then a queued request."""
@@ -97,7 +103,11 @@ class Daemon:
                 return 409, {"error": one_line(exc), "action": action}
             pending = view["pending_requests"]
             if not (pending and pending[-1] == action):  # the same request twice is one request
-                control.request(cfg.control_dir, action)
+                try:
+                    control.request(cfg.control_dir, action)
+                except OSError as exc:  # the request file cannot be written (a full disk)
+                    return 507 if is_disk_full(exc) else 500, {"error": one_line(exc),
+                                                               "action": action}
         return 202, {"action": action, "result": "queued"}
 
     # -- the loop thread: the only one that touches the Machine --------------------------------
@@ -119,7 +129,7 @@ class Daemon:
         except BaseException as exc:
             self.loop_error = one_line(exc)
             self.log(f"heidi daemon: the loop failed: {self.loop_error}")
-            if not isinstance(exc, HeidiError):
+            if not isinstance(exc, (HeidiError, OSError)):  # an I/O error is its one line
                 self.log("".join(traceback.format_exception(exc)).rstrip())
             self._wake.set()
 
@@ -176,6 +186,10 @@ class Daemon:
                     if self.pid_file:
                         write_file(self.pid_file, f"{pid}\n".encode())
                     write_file(daemon_json, orjson.dumps(info, option=orjson.OPT_INDENT_2) + b"\n")
+                    # From here on the loop waits out a full disk (the API says so); before,
+                    # one would keep the daemon from ever listening: it exits with the path.
+                    self.disk_wait.clock = machine.clock
+                    machine.disk_wait = self.disk_wait
                     code, forced = self._run(machine, server)
                     return code
                 finally:
