@@ -63,6 +63,9 @@ class Machine:
         if stage_runner is None:
             stage_runner = mock_stage if config.mock_subprocesses else _real_stage
         self.stage_runner = stage_runner
+        # A Slurm stage's job runs without heidi: True waits for it to end (heidi run, the
+        # daemon); False looks at it once per tick and returns (`heidi tick` from cron).
+        self.follow_jobs = True
         self.lock = RunLock(config.lock_path)
         self.status_writer = StatusWriter(config.state_path, config.fsync)
         self.state: dict[str, Any] | None = None
@@ -397,6 +400,10 @@ class Machine:
             return True
         if self.interrupt:
             raise self.interrupt.error()  # a signal came between stages: start no other
+        if state["stage_status"] == "running" and state.get("slurm_job"):
+            # A Slurm job, submitted (or about to be) by this or an earlier process: find it
+            # and follow it; never submit the attempt again.
+            return self._slurm().follow()
         if state["stage_status"] == "running":
             # The process that ran this stage died mid-stage: record it, then run it again.
             self._emit("stage_interrupted", f"{state['current_stage']} was interrupted "
@@ -410,6 +417,9 @@ class Machine:
         assert state is not None
         machine_state, round_ = state["state"], state["current_round"]
         stage = STAGE_OF[machine_state]
+        if self._slurm_stage(stage):
+            self._slurm().start(stage, round_)
+            return
         if self.config.mock_subprocesses:
             self._emit("stage_start", f"Starting {stage}", stage=stage)
         else:
@@ -424,7 +434,20 @@ class Machine:
         ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))
-        outcome = self.stage_runner(ctx, stage, round_)
+        self._record_outcome(stage, self.stage_runner(ctx, stage, round_))
+
+    def _slurm_stage(self, stage: str) -> bool:
+        return not self.config.mock_subprocesses and self.config.stages[stage].executor == "slurm"
+
+    def _slurm(self) -> Any:
+        from .slurm_stage import SlurmDriver
+        return SlurmDriver(self)
+
+    def _record_outcome(self, stage: str, outcome: StageOutcome) -> None:
+        """Journal how the running stage ended (local or Slurm) and what follows."""
+        state = self.state
+        assert state is not None
+        machine_state, round_ = state["state"], state["current_round"]
         if outcome.stopped and self.interrupt and not control.stop_pending(self.config.control_dir):
             # A signal ended the process, not the run: the stage stays "running" in the state,
             # so the next holder journals stage_interrupted and runs it again.
@@ -479,6 +502,17 @@ class Machine:
         state = self.require_run()
         if not judge_action(action, state):
             return  # already in effect
+        if action == "stop" and state.get("slurm_job") and state["stage_status"] == "running":
+            # nobody follows the stage's Slurm job: cancel it, then journal the stop
+            job = state["slurm_job"]
+            usage = self._slurm().stop()
+            self._emit("pipeline_stop", f"Stop requested; run stopped; Slurm job "
+                       f"{job.get('id') or job['name']} ({job['stage']}) was cancelled",
+                       level="warn", stage=job["stage"], usage_delta=usage)
+            self._save()
+            from .slurm import remove_spool
+            remove_spool(self.config.out_dir, job["name"])
+            return
         if action == "stop":
             self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
                        stage=state["current_stage"] or "pipeline")
