@@ -193,22 +193,23 @@ def find_by_name(name: str) -> str | None:
     ids = done.stdout.split()
     if ids:
         return ids[0]
-    for rows in _sacct(["--name", name]):
-        return rows[0]
+    for row in _sacct(["--name", name]):
+        if row[4] == name:  # sacct -c does not filter by name itself
+            return row[0]
     return None
 
 
 def _sacct(select: list[str]) -> list[list[str]]:
-    """Rows (JobID, State, ExitCode, Elapsed) of the matching jobs (no steps): slurmdbd's
+    """Rows (JobID, State, ExitCode, Elapsed, JobName) of the matching jobs (no steps): slurmdbd's
     accounting, else the jobcomp file (`sacct -c`); [] when neither answers."""
-    fields = ["-n", "-P", "-X", "-o", "JobID,State,ExitCode,Elapsed"]
+    fields = ["-n", "-P", "-X", "-o", "JobID,State,ExitCode,Elapsed,JobName"]
     if shutil.which("sacct") is None:
         return []
     for extra in ([], ["-c"]):
         done = _client(["sacct", *extra, *select, *fields])
         if done.returncode == 0:
             rows = [line.split("|") for line in done.stdout.splitlines() if line.strip()]
-            rows = [row for row in rows if len(row) >= 4 and row[0].isdigit()]
+            rows = [row for row in rows if len(row) >= 5 and row[0].isdigit()]
             if rows:
                 return rows
     return []

@@ -141,3 +141,220 @@ def test_a_bad_slurm_args_is_a_config_error(pipeline):
     pipeline.toml('slurm_args = ["--output=/tmp/x"]\n')
     res = pipeline.cli("start")
     assert res.returncode == 2 and "heidi sets --output itself" in res.stderr
+
+
+SLEEPY = '''command = ["/bin/sh", "-c", "echo started; sleep {s}; echo finished"]
+'''
+
+
+def _job_running(pipeline):
+    view = pipeline.status()
+    slurm = view.get("slurm") or {}
+    return slurm if slurm.get("state") == "RUNNING" else None
+
+
+def test_cron_ticks_return_while_the_job_runs_and_finish_the_run(pipeline):
+    pipeline.toml(SLEEPY.format(s=3))
+    assert pipeline.cli("start").returncode == 0
+    seen_running = False
+    started = time.monotonic()
+    while pipeline.status()["status"] != "completed":
+        t0 = time.monotonic()
+        res = pipeline.cli("tick")
+        assert res.returncode == 0 and res.stdout == "" and res.stderr == "", res
+        assert time.monotonic() - t0 < 10  # a tick never waits for the job
+        view = pipeline.status()
+        if "slurm" in view:
+            assert view["status"] == "running" and not view["interrupted"]
+            assert view["stage"] == "train" and view["slurm"]["job_id"].isdigit()
+            seen_running = seen_running or view["slurm"]["state"] == "RUNNING"
+        assert time.monotonic() - started < 90
+        time.sleep(0.3)
+    assert seen_running
+    assert pipeline.submissions() == 1
+    assert "finished" in (pipeline.out_dir / "logs" / "round_1" / "train.log").read_text()
+    _no_spool_left(pipeline.out_dir)
+    pipeline.verify()
+
+
+def test_sigkill_of_heidi_run_mid_job_then_a_tick_records_its_end_without_resubmitting(pipeline):
+    pipeline.toml(SLEEPY.format(s=4))
+    proc = pipeline.popen("run")
+    try:
+        _wait_for(lambda: _job_running(pipeline), 60, "the train job to run")
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    view = pipeline.status()
+    assert view["status"] == "running" and not view["interrupted"] and view["slurm"]["state"] == "RUNNING"
+    assert pipeline.slurm.queue() == [view["slurm"]["job_id"]]  # the job goes on without heidi
+    _wait_for(lambda: not pipeline.slurm.queue(), 60, "the job to end")
+    res = pipeline.cli("run", "--json")
+    assert res.returncode == 0, res.stderr
+    assert orjson.loads(res.stdout)["status"] == "completed"
+    types = pipeline.types()
+    assert "stage_interrupted" not in types and types.count("slurm_submitted") == 1
+    assert pipeline.submissions() == 1
+    log = (pipeline.out_dir / "logs" / "round_1" / "train.log").read_text()
+    assert log.count("started") == 1 and log.count("finished") == 1
+    pipeline.verify()
+
+
+def test_a_death_between_journaled_attempt_and_sbatch_answer_finds_the_job_by_name(pipeline, monkeypatch):
+    """In process: sbatch submits, then heidi 'dies' before slurm_submitted is journaled; the
+    next tick finds the job by its unique name. Then a death before sbatch ran: the next tick
+    submits (once)."""
+    from heidi import core, slurm
+    from heidi.config import Config
+    pipeline.toml(SLEEPY.format(s=1))
+    for key, value in pipeline.environ.items():
+        monkeypatch.setenv(key, value)
+    cfg = Config.load(pipeline.environ["HEIDI_CONFIG"])
+    core.start(cfg)
+    core.tick(cfg, steps=2)  # generate, validate
+    real = slurm.sbatch
+
+    class Died(BaseException):
+        pass
+
+    def submit_then_die(*args, **kw):
+        real(*args, **kw)
+        raise Died
+
+    monkeypatch.setattr(slurm, "sbatch", submit_then_die)
+    with pytest.raises(Died):
+        core.tick(cfg)
+    monkeypatch.setattr(slurm, "sbatch", real)
+    assert "slurm_submitted" not in pipeline.types() and pipeline.submissions() == 1
+    core.tick(cfg)
+    found = [e for e in pipeline.events() if e["event_type"] == "slurm_submitted"]
+    assert len(found) == 1 and found[0]["message"].startswith("Found train as Slurm job")
+    view = core.run(cfg)
+    assert view["status"] == "completed" and pipeline.submissions() == 1
+    pipeline.verify()
+
+
+def test_a_death_before_sbatch_ran_submits_once(pipeline, monkeypatch):
+    from heidi import core, slurm
+    from heidi.config import Config
+    pipeline.toml(SLEEPY.format(s=0))
+    for key, value in pipeline.environ.items():
+        monkeypatch.setenv(key, value)
+    cfg = Config.load(pipeline.environ["HEIDI_CONFIG"])
+    core.start(cfg)
+    core.tick(cfg, steps=2)
+    real = slurm.sbatch
+
+    class Died(BaseException):
+        pass
+
+    def die(*args, **kw):
+        raise Died
+
+    monkeypatch.setattr(slurm, "sbatch", die)
+    with pytest.raises(Died):
+        core.tick(cfg)
+    monkeypatch.setattr(slurm, "sbatch", real)
+    assert pipeline.submissions() == 0
+    assert core.run(cfg)["status"] == "completed"
+    assert pipeline.types().count("slurm_submitted") == 1
+    assert pipeline.submissions() == 1, pipeline.slurm.run("scontrol", "show", "job", "-o")
+
+
+# The job leaves a detached grandchild that ignores SIGTERM: only proctrack/cgroup ends it.
+STUBBORN = '''command = ["/bin/sh", "-c", "setsid sh -c 'trap \\"\\" TERM; exec sleep 300' & echo $! > {pid}; echo started; sleep 300"]
+'''
+
+
+def _grandchild(path) -> int:
+    return _wait_for(lambda: path.exists() and path.read_text().strip() and int(path.read_text()),
+                     60, "the grandchild's pid")
+
+
+def test_timeout_cancels_the_job_and_its_detached_grandchild(pipeline):
+    pid_file = pipeline.root / "grandchild.pid"
+    pipeline.toml(STUBBORN.format(pid=pid_file) + "timeout_s = 3\n")
+    res = pipeline.cli("run")
+    assert res.returncode != 0
+    err = [e for e in pipeline.events() if e["event_type"] == "pipeline_error"]
+    assert len(err) == 1 and err[0]["error"].startswith("timed out after 3 s")
+    assert "started" in err[0]["message"]
+    pid = _grandchild(pid_file)
+    assert pipeline.slurm.queue() == []
+    _wait_for(lambda: not _alive(pid), 30, "the grandchild to die")
+    _no_spool_left(pipeline.out_dir)
+    pipeline.verify()
+
+
+def test_heidi_stop_cancels_a_job_nobody_follows(pipeline):
+    pid_file = pipeline.root / "grandchild.pid"
+    pipeline.toml(STUBBORN.format(pid=pid_file))
+    assert pipeline.cli("start").returncode == 0
+    for _ in range(3):
+        assert pipeline.cli("tick").returncode == 0
+    _wait_for(lambda: (pipeline.cli("tick"), _job_running(pipeline))[1], 60, "the job to run")
+    pid = _grandchild(pid_file)
+    res = pipeline.cli("stop")
+    assert res.returncode == 0, res.stderr
+    assert pipeline.status()["status"] == "stopped" and "slurm" not in pipeline.status()
+    stop = [e for e in pipeline.events() if e["event_type"] == "pipeline_stop"]
+    assert len(stop) == 1 and "was cancelled" in stop[0]["message"]
+    assert pipeline.slurm.queue() == []
+    _wait_for(lambda: not _alive(pid), 30, "the grandchild to die")
+    assert "started" in (pipeline.out_dir / "logs" / "round_1" / "train.log").read_text()
+    _no_spool_left(pipeline.out_dir)
+    pipeline.verify()
+
+
+def test_heidi_stop_while_heidi_run_follows_the_job(pipeline):
+    pipeline.toml(SLEEPY.format(s=300))
+    proc = pipeline.popen("run")
+    try:
+        _wait_for(lambda: _job_running(pipeline), 60, "the job to run")
+        res = pipeline.cli("stop")
+        assert res.returncode == 0, res.stderr
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert pipeline.status()["status"] == "stopped"
+    stop = [e for e in pipeline.events() if e["event_type"] == "pipeline_stop"]
+    assert len(stop) == 1 and stop[0]["stage"] == "train"
+    assert pipeline.slurm.queue() == []
+    pipeline.verify()
+
+
+def test_a_failing_job_tail_in_the_journal_and_no_secret_in_any_file(pipeline):
+    pipeline.toml('''command = ["/bin/sh", "-c", "echo line one; echo key=$OPENAI_API_KEY; echo boom >&2; exit 3"]
+''')
+    res = pipeline.cli("run", OPENAI_API_KEY=SECRET)
+    assert res.returncode != 0
+    err = [e for e in pipeline.events() if e["event_type"] == "pipeline_error"]
+    assert len(err) == 1 and err[0]["stage"] == "train"
+    assert err[0]["error"].startswith("Slurm job ") and "FAILED" in err[0]["error"]
+    assert "exit 3:0" in err[0]["error"]
+    assert "line one" in err[0]["message"] and "boom" in err[0]["message"]
+    log = (pipeline.out_dir / "logs" / "round_1" / "train.log").read_text()
+    assert "key=" in log and SECRET not in log
+    _no_spool_left(pipeline.out_dir)
+    for dirpath, _, files in os.walk(pipeline.root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                assert SECRET.encode() not in fh.read(), os.path.join(dirpath, name)
+    pipeline.verify()
+
+
+def test_a_job_cancelled_by_someone_else_is_a_clear_error(pipeline):
+    pipeline.toml(SLEEPY.format(s=300))
+    proc = pipeline.popen("run")
+    try:
+        job = _wait_for(lambda: _job_running(pipeline), 60, "the job to run")
+        subprocess.run(["scancel", job["job_id"]], env=pipeline.slurm.env, check=True)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = [e for e in pipeline.events() if e["event_type"] == "pipeline_error"]
+    assert len(err) == 1 and "CANCELLED: cancelled by someone other than heidi" in err[0]["error"]
