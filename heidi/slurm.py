@@ -78,7 +78,7 @@ def available() -> str | None:
 def time_limit_minutes(timeout_s: float) -> int:
     """sbatch --time: a backstop a little above heidi's own timer (Slurm checks limits about
     every 30 s with minute resolution, so heidi's timer is the one that normally fires)."""
-    return int(math.ceil(timeout_s / 60.0)) + 2
+    return math.ceil(timeout_s / 60.0) + 2
 
 
 def _client_env() -> dict[str, str]:
@@ -91,7 +91,7 @@ def _client_env() -> dict[str, str]:
 def _client(argv: list[str], stdin: str | None = None,
             pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True,
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False,
                               env=_client_env(), timeout=CLIENT_TIMEOUT_S, pass_fds=pass_fds)
     except FileNotFoundError:
         raise SlurmError(f"{argv[0]} not found on PATH") from None

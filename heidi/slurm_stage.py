@@ -9,17 +9,23 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import control
-from . import slurm
+from . import control, slurm
 from ._fast.redact import Redactor
 from .counters import ENV_NAME as COUNTERS_ENV
-from .counters import read_counters
 from .counters import prepare as prepare_counters
+from .counters import read_counters
 from .errors import RefusedError
 from .loop import StageOutcome
 from .stagelog import StageLog
-from .stages import (OUTPUT_TAIL_CHARS, _outputs, build_argv, child_env, placeholders,
-                     split_round, stage_paths)
+from .stages import (
+    OUTPUT_TAIL_CHARS,
+    _outputs,
+    build_argv,
+    child_env,
+    placeholders,
+    split_round,
+    stage_paths,
+)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -69,7 +75,7 @@ class _SpoolLog:
 
     def pump(self, final: bool = False) -> None:
         try:
-            fh = open(self.out, "rb")
+            fh = open(self.out, "rb")  # noqa: SIM115 -- closed by the with below
         except FileNotFoundError:
             return
         moved = False
@@ -100,7 +106,7 @@ class _SpoolLog:
 class SlurmDriver:
     """What the machine does for a Slurm stage; uses the machine's journal and state."""
 
-    def __init__(self, machine: "Machine") -> None:
+    def __init__(self, machine: Machine) -> None:
         self.m = machine
         self.cfg = machine.config
 

@@ -52,7 +52,7 @@ class Cluster:
         self.env = {**os.environ, "SLURM_CONF": self.conf}
         self.pids: list[int] = []
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         r = self.root
         os.chmod(r, 0o711)  # munged refuses a socket below a 0700 directory ("inaccessible")
         for sub in ("munge", "state", "spool", "log"):
@@ -62,7 +62,7 @@ class Cluster:
         subprocess.run([_tool("mungekey"), "-c", "-k", key], check=True, capture_output=True)
         done = subprocess.run([_tool("munged"), f"--socket={r}/munge/sock", f"--key-file={key}",
                                f"--pid-file={r}/munge/pid", f"--log-file={r}/munged.log",
-                               f"--seed-file={r}/munge/seed"], capture_output=True, text=True)
+                               f"--seed-file={r}/munge/seed"], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"munged failed: {done.stderr.strip()}")
         with open(self.conf, "w") as fh:
@@ -106,14 +106,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True,
-                                 text=True).stdout.split()
+                                 text=True, check=False).stdout.split()
             if "idle" in out:
                 return self
             time.sleep(0.05)
         raise RuntimeError(f"slurm did not come up; see {r}/log")
 
     def run(self, *argv: str) -> str:
-        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True).stdout
+        return subprocess.run(list(argv), env=self.env, capture_output=True, text=True, check=False).stdout
 
     def queue(self) -> list[str]:
         """Job ids slurmctld still has pending or running."""
@@ -123,13 +123,13 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         """How many jobs whose name contains name_part were ever submitted (scontrol keeps them
         MinJobAge after they ended)."""
         out = self.run("scontrol", "show", "job", "-o")
-        return sum(1 for line in out.splitlines() if f"JobName=heidi-" in line and name_part in line)
+        return sum(1 for line in out.splitlines() if "JobName=heidi-" in line and name_part in line)
 
     def stop(self) -> None:
         r = self.root
         ids = self.queue() if os.path.exists(os.path.join(r, "slurmctld.pid")) else []
         if ids:
-            subprocess.run(["scancel", *ids], env=self.env, capture_output=True)
+            subprocess.run(["scancel", *ids], env=self.env, capture_output=True, check=False)
             deadline = time.monotonic() + 30
             while self.queue() and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -141,7 +141,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except (OSError, ValueError, IndexError):
                 pass
         if os.path.exists(os.path.join(r, "slurmctld.pid")):
-            subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=60)
+            subprocess.run(["scontrol", "shutdown"], env=self.env, capture_output=True, timeout=60, check=False)
         for pid in pids:
             deadline = time.monotonic() + 10
             if pid == pids[-1]:

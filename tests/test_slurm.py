@@ -14,7 +14,6 @@ import time
 
 import orjson
 import pytest
-
 import slurm_cluster
 from helpers_loop import REPO
 from test_stages import CONTRACT, _alive, _wait_for
@@ -34,7 +33,7 @@ def cluster():
         yield c
     finally:
         c.stop()
-        subprocess.run(["rm", "-rf", root])
+        subprocess.run(["rm", "-rf", root], check=False)
 
 
 @pytest.fixture
@@ -69,7 +68,7 @@ def pipeline(tmp_path, cluster):
 
         def cli(self, *args, timeout=120, **extra):
             return subprocess.run([sys.executable, "-m", "heidi", *args], env={**env, **extra},
-                                  cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
+                                  cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout, check=False)
 
         def popen(self, *args, **extra):
             return subprocess.Popen([sys.executable, "-m", "heidi", *args], env={**env, **extra},
@@ -103,7 +102,7 @@ def pipeline(tmp_path, cluster):
     ids = [e["message"].split("Slurm job ")[1].split()[0] for e in Pipeline().events()
            if e["event_type"] == "slurm_submitted"] if (out / "events.jsonl").exists() else []
     if ids:
-        subprocess.run(["scancel", *ids], env=cluster.env, capture_output=True)
+        subprocess.run(["scancel", *ids], env=cluster.env, capture_output=True, check=False)
 
 
 def _no_spool_left(out) -> None:
@@ -120,9 +119,9 @@ def test_a_full_round_with_train_on_slurm(pipeline):
     i = types.index("slurm_submitted")
     assert types[i - 1] == "stage_start" and types[i + 1:i + 4].count("script_success") == 1
     evs = pipeline.events()
-    start = [e for e in evs if e["event_type"] == "stage_start" and e["stage"] == "train"][0]
+    start = next(e for e in evs if e["event_type"] == "stage_start" and e["stage"] == "train")
     assert f"as Slurm job heidi-{pipeline.environ['RUN_ID']}-train-r1-a1" in start["message"]
-    ok = [e for e in evs if e["event_type"] == "script_success" and e["stage"] == "train"][0]
+    ok = next(e for e in evs if e["event_type"] == "script_success" and e["stage"] == "train")
     assert ok["counters_delta"] == {"train_samples": 9, "val_samples": 1}
     assert ok["artifact_paths"] == ["out_lora_round_1"]
     assert ok["usage_delta"]["wall_ms"] >= 0 and "cpu_user_s" in ok["usage_delta"]
