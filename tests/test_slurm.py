@@ -357,3 +357,23 @@ def test_a_job_cancelled_by_someone_else_is_a_clear_error(pipeline):
             proc.wait()
     err = [e for e in pipeline.events() if e["event_type"] == "pipeline_error"]
     assert len(err) == 1 and "CANCELLED: cancelled by someone other than heidi" in err[0]["error"]
+
+
+def test_sigterm_of_the_daemon_leaves_the_job_running_for_the_next_holder(pipeline):
+    pipeline.toml(SLEEPY.format(s=4))
+    proc = pipeline.popen("daemon", "--port", "0")
+    try:
+        job = _wait_for(lambda: _job_running(pipeline), 60, "the daemon's train job to run")
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    last = pipeline.events()[-1]
+    assert last["event_type"] == "pipeline_interrupted" and "the job goes on" in last["message"]
+    assert pipeline.slurm.queue() == [job["job_id"]]
+    res = pipeline.cli("run", "--json")
+    assert res.returncode == 0 and orjson.loads(res.stdout)["status"] == "completed", res.stderr
+    assert pipeline.submissions() == 1
+    pipeline.verify()
