@@ -388,6 +388,8 @@ class Machine:
         state = self.require_run()
         self.apply_requests()
         if state["state"] in ("IDLE", "ERROR") or state["paused"]:
+            if state["paused"] and state["stage_status"] == "running" and state.get("slurm_job"):
+                return self._slurm().follow()  # a submitted job runs on while paused: record its end
             return False
         if state["stage_status"] in ("succeeded", "done"):
             # The previous holder died after the stage's work was journaled: finish, don't redo.

@@ -377,3 +377,17 @@ def test_sigterm_of_the_daemon_leaves_the_job_running_for_the_next_holder(pipeli
     assert res.returncode == 0 and orjson.loads(res.stdout)["status"] == "completed", res.stderr
     assert pipeline.submissions() == 1
     pipeline.verify()
+
+
+def test_a_paused_run_still_records_its_jobs_end_and_starts_nothing_new(pipeline):
+    pipeline.toml(SLEEPY.format(s=2))
+    assert pipeline.cli("start").returncode == 0
+    _wait_for(lambda: (pipeline.cli("tick"), _job_running(pipeline))[1], 60, "the job to run")
+    assert pipeline.cli("pause").returncode == 0
+    _wait_for(lambda: (pipeline.cli("tick"), "slurm" not in pipeline.status())[1], 60,
+              "the job's end to be journaled")
+    view = pipeline.status()
+    assert view["status"] == "paused" and view["state"] == "EVALUATING"
+    assert view["stage_status"] == "pending" and pipeline.types().count("stage_start") == 3
+    assert pipeline.cli("resume").returncode == 0
+    assert orjson.loads(pipeline.cli("run", "--json").stdout)["status"] == "completed"
