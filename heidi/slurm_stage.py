@@ -19,7 +19,6 @@ from .loop import StageOutcome
 from .stagelog import StageLog
 from .stages import (
     OUTPUT_TAIL_CHARS,
-    _outputs,
     build_argv,
     child_env,
     placeholders,
@@ -346,12 +345,17 @@ def counters_path_of(cfg: Any, stage: str, round_: int) -> str:
 def _split_counts(cfg: Any, round_: int) -> dict[str, int]:
     """train_samples / val_samples, counted from the split files (FINALIZING made them before
     the submission, maybe in another process)."""
-    from .split import _data_lines
     counts = {}
     for kind in ("train", "val"):
         try:
             with open(os.path.join(cfg.data_dir, f"{kind}_round_{round_}.jsonl"), "rb") as fh:
-                counts[f"{kind}_samples"] = sum(1 for _ in _data_lines(fh))
+                counts[f"{kind}_samples"] = sum(1 for line in fh if line.strip())  # as split_file
         except OSError:
             pass
     return counts
+
+
+def _outputs(argv: list[str], out_dir: str) -> list[str]:
+    """The paths the stage was asked to write (after --output), as a local stage's artifacts."""
+    return [v if os.path.isabs(v) else os.path.join(out_dir, v)
+            for flag, v in zip(argv, argv[1:]) if flag == "--output"]
