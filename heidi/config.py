@@ -17,6 +17,7 @@ RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 MODES = ("full", "collect")
 PROVIDERS = ("mock", "openai", "anthropic")
 STAGES = ("generate", "validate", "test", "train", "eval")
+EXECUTORS = ("local", "slurm")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
@@ -184,6 +185,8 @@ SETTINGS: dict[str, tuple[str, Callable[[str, Any], Any], Any]] = {
     "HEIDI_FSYNC": ("fsync", _bool, True),
     "HEIDI_STAGE_TIMEOUT_S": ("stage_timeout_s", _optional(_float(0.0, 31_536_000.0, lo_open=True)), None),
     "HEIDI_KILL_GRACE_S": ("kill_grace_s", _float(0.0, 3600.0), 5.0),
+    "HEIDI_EXECUTOR": ("executor", _choice(*EXECUTORS), "local"),
+    "HEIDI_SLURM_POLL_S": ("slurm_poll_s", _float(0.0, 3600.0, lo_open=True), 1.0),
     "HEIDI_MAX_FDS": ("max_fds", _optional(_int(16, 1 << 30)), None),
     "HEIDI_MAX_CPU_S": ("max_cpu_s", _optional(_int(1, 1 << 40)), None),
     "HEIDI_MAX_MEMORY_MB": ("max_memory_mb", _optional(_int(16, 1 << 40)), None),
@@ -244,6 +247,8 @@ class StageConfig:
     command: list[str]
     timeout_s: float
     env: dict[str, str] = field(default_factory=dict)
+    executor: str = "local"          # "slurm": the stage runs as a Slurm job (heidi.slurm_stage)
+    slurm_args: list[str] = field(default_factory=list)  # more sbatch options
 
 
 @dataclass
@@ -276,6 +281,8 @@ class Config:
     fsync: bool = True
     stage_timeout_s: float | None = None
     kill_grace_s: float = 5.0
+    executor: str = "local"
+    slurm_poll_s: float = 1.0
     max_fds: int | None = None
     max_cpu_s: int | None = None
     max_memory_mb: int | None = None
@@ -343,7 +350,12 @@ class Config:
             values["repo_root"] = base
         cfg = cls(**values, config_path=os.path.abspath(path) if path else None,
                   explicit=frozenset(explicit))
-        cfg.stages = _stage_configs(stage_tables, cfg.stage_timeout_s)
+        cfg.stages = _stage_configs(stage_tables, cfg.stage_timeout_s, cfg.executor)
+        if not cfg.mock_subprocesses and any(s.executor == "slurm" for s in cfg.stages.values()):
+            from .slurm import available
+            problem = available()
+            if problem is not None:
+                raise ConfigError(problem)
         if cfg.teacher_base_url is not None:
             from .providers import check_base_url
             problem = check_base_url(cfg.teacher_base_url, cfg.teacher_allow_http)
@@ -433,7 +445,28 @@ def _read_toml(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return values, stages
 
 
-def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None) -> dict[str, StageConfig]:
+_STAGE_KEYS = ("command", "timeout_s", "env", "executor", "slurm_args")
+
+
+def _slurm_args(stage: str, args: Any) -> list[str]:
+    """[stages.X] slurm_args: more sbatch options, a list of strings; not those heidi sets."""
+    from .slurm import RESERVED_OPTIONS
+    where = f"[stages.{stage}] slurm_args"
+    if not isinstance(args, list) or not all(isinstance(a, str) and a and "\0" not in a
+                                             and "\n" not in a for a in args):
+        raise ConfigError(f"{where}={args!r}: must be a list of non-empty strings "
+                          "(sbatch options, e.g. [\"--partition=gpu\", \"--gres=gpu:1\"])")
+    for arg in args:
+        option = arg.split("=", 1)[0]
+        if option in RESERVED_OPTIONS or any(arg.startswith(o) and len(o) == 2 and len(arg) > 2
+                                             for o in RESERVED_OPTIONS):
+            raise ConfigError(f"{where}: {arg!r}: heidi sets {option} itself (job name, output, "
+                              "working directory, environment); remove it")
+    return list(args)
+
+
+def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None,
+                   executor: str = "local") -> dict[str, StageConfig]:
     for name in tables:
         if name not in STAGES:
             raise ConfigError(f"[stages.{name}]: unknown stage; allowed: {', '.join(STAGES)}")
@@ -443,8 +476,8 @@ def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None) ->
         if not isinstance(table, dict):
             raise ConfigError(f"[stages.{name}]: must be a table")
         for key in table:
-            if key not in ("command", "timeout_s", "env"):
-                raise ConfigError(f"[stages.{name}] {key!r}: unknown key; allowed: command, timeout_s, env")
+            if key not in _STAGE_KEYS:
+                raise ConfigError(f"[stages.{name}] {key!r}: unknown key; allowed: {', '.join(_STAGE_KEYS)}")
         command = table.get("command", DEFAULT_COMMANDS[name])
         if isinstance(command, str):
             command = command.split()
@@ -464,5 +497,8 @@ def _stage_configs(tables: Mapping[str, Any], timeout_override: float | None) ->
         if not isinstance(env, dict) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool)
                                                for v in env.values()):
             raise ConfigError(f"[stages.{name}] env: must be a table of strings")
-        result[name] = StageConfig(name, list(command), timeout, {k: str(v) for k, v in env.items()})
+        result[name] = StageConfig(name, list(command), timeout, {k: str(v) for k, v in env.items()},
+                                   _choice(*EXECUTORS)(f"[stages.{name}] executor",
+                                                       table.get("executor", executor)),
+                                   _slurm_args(name, table.get("slurm_args", [])))
     return result

@@ -47,6 +47,7 @@ def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> di
     with signals_interrupt(Interrupt()) as interrupt:
         machine = machine or _machine(config, interrupt)
         machine.interrupt = interrupt
+        machine.follow_jobs = False  # a tick looks at a running Slurm job once and returns
         machine.open(create=False)
         try:
             machine.require_run()

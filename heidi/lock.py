@@ -69,6 +69,11 @@ class RunLock:
         self._fd = fd
         return self
 
+    def fileno(self) -> int:
+        """The locked descriptor (-1 when not held): a child that inherits it keeps the run
+        locked until it exits (sbatch, while a Slurm job is being submitted)."""
+        return self._fd
+
     @property
     def held(self) -> bool:
         return self._fd >= 0

@@ -142,6 +142,13 @@ def new_run_id(now_s: float) -> str:
 
 
 _START_RE = re.compile(r"mode=(full|collect), rounds=(\d+), run_unit_tests=([01])")
+# A Slurm stage in the journal (README "Stages on Slurm"): stage_start "Starting S as Slurm job
+# NAME" (the attempt, before sbatch), slurm_submitted "... Slurm job ID (NAME)", slurm_job_state
+# "Slurm job ID is STATE". Folded into state["slurm_job"] until the stage's end is journaled.
+_SLURM_NAME_RE = re.compile(r"as Slurm job (heidi-[A-Za-z0-9._-]+)")
+_SLURM_ID_RE = re.compile(r"Slurm job (\d+) \((heidi-[A-Za-z0-9._-]+)\)")
+_SLURM_STATE_RE = re.compile(r"Slurm job (\d+) is ([A-Z_]+)")
+_SLURM_ENDS = ("script_success", "stage_end", "pipeline_error", "pipeline_stop")
 
 
 def empty_state() -> dict[str, Any]:
@@ -169,6 +176,8 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     """Fold one event into the state. Pure bookkeeping; the decisions live in the machine."""
     kind = event["event_type"]
     state["updated_at"] = event["ts"]
+    if kind in _SLURM_ENDS and state.get("slurm_job"):
+        state["slurm_job"] = None  # the stage's end is journaled: no job to follow any more
     if event["counters_delta"]:
         _add(state["counters"], event["counters_delta"])
     if event["usage_delta"]:
@@ -190,6 +199,13 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     elif kind == "stage_start":
         state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
                      stage_status="running")
+        match = _SLURM_NAME_RE.search(event["message"])
+        if match is not None:
+            state["slurm_attempts"] = state.get("slurm_attempts", 0) + 1
+            state["slurm_job"] = {"name": match.group(1), "id": None, "state": None,
+                                  "stage": event["stage"], "round": event["round"]}
+    elif kind in ("slurm_submitted", "slurm_job_state"):
+        _fold_slurm(state, event["message"])
     elif kind == "stage_interrupted":
         state["stage_status"] = "pending"
     elif kind == "script_success":
@@ -235,3 +251,16 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
         state.update(state="FINALIZING", stage_status="pending", current_stage="train")
         if not state["paused"]:
             state["status"] = "running"
+
+
+def _fold_slurm(state: dict[str, Any], message: str) -> None:
+    job = state.get("slurm_job")
+    if not job:
+        return
+    match = _SLURM_ID_RE.search(message)
+    if match is not None and match.group(2) == job["name"]:
+        state["slurm_job"] = {**job, "id": match.group(1), "state": "PENDING"}
+        return
+    match = _SLURM_STATE_RE.search(message)
+    if match is not None and match.group(1) == job["id"]:
+        state["slurm_job"] = {**job, "state": match.group(2)}

@@ -65,6 +65,9 @@ class Machine:
         if stage_runner is None:
             stage_runner = mock_stage if config.mock_subprocesses else _real_stage
         self.stage_runner = stage_runner
+        # A Slurm stage's job runs without heidi: True waits for it to end (heidi run, the
+        # daemon); False looks at it once per tick and returns (`heidi tick` from cron).
+        self.follow_jobs = True
         self.lock = RunLock(config.lock_path)
         self.status_writer = StatusWriter(config.state_path, config.fsync)
         self.state: dict[str, Any] | None = None
@@ -422,6 +425,8 @@ class Machine:
         state = self.require_run()
         self.apply_requests()
         if state["state"] in ("IDLE", "ERROR") or state["paused"]:
+            if state["paused"] and state["stage_status"] == "running" and state.get("slurm_job"):
+                return self._slurm().follow()  # a submitted job runs on while paused: record its end
             return False
         # Room for a transition before one begins: on a full disk a tick appends nothing (a
         # daemon waits here), and no stage is started only to fail for want of space.
@@ -437,6 +442,10 @@ class Machine:
             return True
         if self.interrupt:
             raise self.interrupt.error()  # a signal came between stages: start no other
+        if state["stage_status"] == "running" and state.get("slurm_job"):
+            # A Slurm job, submitted (or about to be) by this or an earlier process: find it
+            # and follow it; never submit the attempt again.
+            return self._slurm().follow()
         if state["stage_status"] == "running":
             # The process that ran this stage died mid-stage: record it, then run it again.
             self._emit("stage_interrupted", f"{state['current_stage']} was interrupted "
@@ -450,6 +459,9 @@ class Machine:
         assert state is not None
         machine_state, round_ = state["state"], state["current_round"]
         stage = STAGE_OF[machine_state]
+        if self._slurm_stage(stage):
+            self._slurm().start(stage, round_)
+            return
         if self.config.mock_subprocesses:
             self._emit("stage_start", f"Starting {stage}", stage=stage)
         else:
@@ -471,8 +483,15 @@ class Machine:
         with self._waiting_for_space():
             self._record_outcome(stage, outcome)
 
+    def _slurm_stage(self, stage: str) -> bool:
+        return not self.config.mock_subprocesses and self.config.stages[stage].executor == "slurm"
+
+    def _slurm(self) -> Any:
+        from .slurm_stage import SlurmDriver
+        return SlurmDriver(self)
+
     def _record_outcome(self, stage: str, outcome: StageOutcome) -> None:
-        """Journal how the stage went and where the loop goes from here (one transition)."""
+        """Journal how the running stage ended (local or Slurm) and what follows (one transition)."""
         state = self.state
         assert state is not None
         machine_state, round_ = state["state"], state["current_round"]
@@ -532,6 +551,17 @@ class Machine:
         state = self.require_run()
         if not judge_action(action, state):
             return  # already in effect
+        if action == "stop" and state.get("slurm_job") and state["stage_status"] == "running":
+            # nobody follows the stage's Slurm job: cancel it, then journal the stop
+            job = state["slurm_job"]
+            usage = self._slurm().stop()
+            self._emit("pipeline_stop", f"Stop requested; run stopped; Slurm job "
+                       f"{job.get('id') or job['name']} ({job['stage']}) was cancelled",
+                       level="warn", stage=job["stage"], usage_delta=usage)
+            self._save()
+            from .slurm import remove_spool
+            remove_spool(self.config.out_dir, job["name"])
+            return
         if action == "stop":
             self._emit("pipeline_stop", "Stop requested; run stopped", level="warn",
                        stage=state["current_stage"] or "pipeline")

@@ -77,7 +77,17 @@ def interrupted(state: dict[str, Any] | None, config: Config) -> bool:
     """A stage was in flight and no process holds the run: its process was stopped or died, and
     the next tick, `heidi run` or daemon runs the stage again."""
     return (state is not None and state.get("status") == "running"
-            and state.get("stage_status") == "running" and lock_holder(config.lock_path) is None)
+            and state.get("stage_status") == "running" and not _slurm_view(state)
+            and lock_holder(config.lock_path) is None)
+
+
+def _slurm_view(state: dict[str, Any]) -> dict[str, Any] | None:
+    """The Slurm job of the running stage ({"job_id", "state", "name"}), None when there is
+    none. A submitted job runs without heidi: its run is not interrupted meanwhile."""
+    job = state.get("slurm_job")
+    if not job or not job.get("id"):
+        return None
+    return {"job_id": job["id"], "state": job.get("state"), "name": job.get("name")}
 
 
 def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
@@ -104,4 +114,7 @@ def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
         "updated_at": state["updated_at"], "last_error": state["last_error"],
         "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
     }
+    slurm = _slurm_view(state)
+    if slurm is not None:
+        view["slurm"] = slurm
     return view

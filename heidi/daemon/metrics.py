@@ -56,4 +56,8 @@ def render_metrics(view: dict[str, Any]) -> str:
            [(f'{{name="{_label(k)}"}}', v) for k, v in sorted((view.get("counters") or {}).items())])
     metric("heidi_usage", "gauge", "The run's usage (sum of usage_delta).",
            [(f'{{name="{_label(k)}"}}', v) for k, v in sorted((view.get("usage") or {}).items())])
+    slurm = view.get("slurm")
+    metric("heidi_slurm_job", "gauge", "1 while the running stage is a Slurm job (its id and state).",
+           [(f'{{job_id="{_label(slurm.get("job_id"))}",state="{_label(slurm.get("state"))}"}}', 1)]
+           if slurm else [])
     return "\n".join(out) + "\n"
