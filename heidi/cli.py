@@ -112,8 +112,12 @@ def build_parser() -> "argparse.ArgumentParser":
     p = cmd("run", "start a run if none (or continue the interrupted one), then tick until IDLE or ERROR")
     p.add_argument("--mode", choices=MODES)
     p.add_argument("--json", action="store_true", help="print the final status as JSON")
-    p = cmd("status", "show the run's state (read without the lock)")
-    p.add_argument("--json", action="store_true")
+    p = cmd("status", "show the run's state (read without the lock): while a stage runs, since "
+            "when, the pid holding the run and the stage's last log line")
+    p.add_argument("--json", action="store_true", help="the whole status view as JSON")
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until Ctrl-C: in place on a terminal, "
+                   "repeated otherwise (with --json: one JSON object per line)")
     for name, help_ in (("stop", "stop the run (ends a running stage)"),
                         ("pause", "pause: ticks do nothing until resumed"),
                         ("resume", "resume a paused run"),
@@ -164,20 +168,8 @@ def _print_json(obj: Any) -> None:
 
 
 def _status_line(view: dict[str, Any]) -> str:
-    if view.get("run_id") is None:
-        return f"no run in {view['out_dir']}"
-    line = (f"run {view['run_id']}: {view['status']}, state {view['state']}, "
-            f"round {view['round']}/{view['rounds']}, mode {view['mode']}")
-    if view.get("stage") and view["state"] not in ("IDLE",):
-        line += f", stage {view['stage']}"
-    if view.get("pending_requests"):
-        line += f", pending: {' '.join(view['pending_requests'])}"
-    if view.get("last_error") and view["state"] == "ERROR":
-        line += f"; error: {view['last_error']}"
-    if view.get("interrupted"):
-        line += (f"; no heidi process holds it: the next `heidi run`, tick or daemon runs "
-                 f"{view.get('stage') or 'the stage'} again")
-    return line
+    from .show import status_line
+    return status_line(view)
 
 
 WAY_OUT = "`heidi continue` runs it again in the same run, `heidi start` begins a new run"
@@ -208,31 +200,11 @@ def cmd_tick(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _Progress:
-    """One live line on a terminal; nothing when stdout is not a TTY."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stdout.isatty()
-        self.width = 0
-
-    def __call__(self, view: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        text = (f"[round {view['round']}/{view['rounds']}] {view['state']}"
-                + (f" ({view['stage']})" if view.get("stage") else "")
-                + (" paused" if view.get("paused") else ""))
-        sys.stdout.write("\r" + text.ljust(self.width))
-        sys.stdout.flush()
-        self.width = len(text)
-
-    def done(self) -> None:
-        if self.enabled and self.width:
-            sys.stdout.write("\n")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    progress = _Progress()
+    from .show import Progress
+    from .status import live_view, read_state, status_view
+    progress = Progress(lambda: live_view(status_view(read_state(cfg.state_path), cfg), cfg))
     try:
         view = core.run(cfg, args.mode, on_progress=progress)
     finally:
@@ -251,13 +223,43 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    view = core.status(_config(args))
+    cfg = _config(args)
+    _pure_twins_notice()
+    from .show import status_text, terminal_width, watch
+    interval = getattr(args, "watch", None)
+    if interval is not None:
+        if not 0.1 <= interval <= 86400:
+            raise _UsageExit(f"heidi status: --watch {interval:g}: seconds from 0.1 to 86400")
+        read = (lambda: core.status(cfg))
+        try:
+            if args.json:
+                import json
+                import time
+                while True:  # one JSON object per line, for a pipe
+                    sys.stdout.write(json.dumps(read(), ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                    time.sleep(interval)
+            watch(read, interval)
+        except KeyboardInterrupt:
+            return EXIT_OK  # Ctrl-C is how a watch ends
+    view = core.status(cfg)
     if args.json:
         _print_json(view)
     else:
-        # One line still (scripts read it): which containment the stages have, at its end.
-        print(f"{_status_line(view)}; containment: {view['containment']}")
+        # The first line as always (scripts read it, containment at its end); while a stage runs,
+        # lines under it tell since when, who holds the run and the stage's last log line.
+        print("\n".join(status_text(view, terminal_width())))
     return _exit_for(view)
+
+
+def _pure_twins_notice() -> None:
+    """One line on stderr when heidi runs its pure-Python twins because the compiled modules are
+    missing (a build without a C compiler), not when HEIDI_NO_EXTENSIONS asked for them."""
+    from ._fast import atomic, no_extensions  # the module status and every run load anyway
+    if no_extensions() or atomic.COMPILED:
+        return
+    print("heidi: running the pure-Python modules (the compiled ones were not built: no C "
+          "compiler?); slower, same results. `heidi doctor` tells more", file=sys.stderr)
 
 
 def cmd_action(args: argparse.Namespace) -> int:
@@ -338,6 +340,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    _pure_twins_notice()
     from ._fast import implementations, no_extensions
     info = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}

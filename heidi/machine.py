@@ -23,8 +23,8 @@ from .journal import (Head, JournalChanged, JournalWriter, LazyModule, changed_a
                       line_before, read_tail, verify_journal, verify_run)  # noqa: F401
 from .lock import RunLock
 from .loop import (ACTIVE_STATUSES, ENDED_STATUSES, NEXT_ROUND, STAGE_OF,  # noqa: F401
-                   STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome, StageRunner,
-                   apply_event, empty_state, judge_action, new_run_id, next_state)
+                   NEW_STATE_KEYS, STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome,
+                   StageRunner, apply_event, empty_state, judge_action, new_run_id, next_state)
 from .status import StatusWriter, fingerprint, read_state, status_view
 
 _chain = LazyModule("heidi._fast.chain")
@@ -176,6 +176,9 @@ class Machine:
         state = self._read_state_file(journal_size)
         if state is not None and not state.get("run_id"):
             state = None  # a state without a run is nothing to keep
+        older = state is not None and journal_size > 0 and any(k not in state for k in NEW_STATE_KEYS)
+        if older:
+            state = None  # an older heidi's state.json (usage summed whole): rebuilt from the journal
         if state is None and not journal_size:
             return
         if state is not None and not journal_size:
@@ -192,7 +195,8 @@ class Machine:
                 if not head.events:
                     raise StateError(f"{cfg.journal_path}: holds no whole event (only a cut-off "
                                      "line); cannot tell which run it is")
-                note = f"state.json rebuilt from the journal ({head.events} events)"
+                note = (f"state.json {'of an older heidi ' if older else ''}rebuilt from the "
+                        f"journal ({head.events} events)")
             else:
                 if journal_size < head.size or not head_matches(fd, head):
                     raise JournalChanged(changed_at(cfg.journal_path, head.events, head.hash),
@@ -544,6 +548,12 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
         behind = count == want and fh.read(1) != b""
     replayed["journal"] = {"events": count, "head": prev, "bytes": pos, "head_offset": offset}
     on_disk = {k: v for k, v in state.items() if k not in _NOT_FOLDED}
+    if any(k not in state for k in NEW_STATE_KEYS):
+        # an older heidi's state.json: its usage was folded by another rule (summed whole), and
+        # the keys it lacks are rebuilt by the next process that takes the run
+        for key in ("usage",) + NEW_STATE_KEYS:
+            on_disk.pop(key, None)
+            replayed.pop(key, None)
     # the mtime is the file's, not the events' (a copy of the run changes it); head_offset is
     # missing from the state.json of an older heidi
     on_disk["journal"] = {k: v for k, v in recorded.items() if k != "mtime_ns"}
