@@ -291,8 +291,9 @@ def test_token_required(start_daemon, tmp_path):
     assert get_json(d.port, "/healthz") == (200, {"ok": True})
     assert request(d.port, "GET", "/metrics")[0] == 401
     assert request(d.port, "POST", "/api/v1/action/stop")[0] == 401
-    assert request(d.port, "GET", "/")[0] == 401
-    assert request(d.port, "GET", f"/?token={TOKEN}")[0] == 200
+    code, ctype, data = request(d.port, "GET", "/")
+    assert code == 401 and ctype.startswith("text/html") and b"/?token=" in data  # a page, not JSON
+    assert request(d.port, "GET", f"/?token={TOKEN}")[0] == 303  # the cookie: tests/test_page.py
     assert request(d.port, "GET", "/?token=nope")[0] == 401
     assert d.terminate() == 0
     assert TOKEN not in d.stderr()
