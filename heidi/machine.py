@@ -336,8 +336,9 @@ class Machine:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        from .stagelog import makedirs_private
         dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
-        os.makedirs(dest, mode=0o700, exist_ok=True)
+        makedirs_private(dest)
         # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
         # a journal to rebuild the state from, or no run at all (never a state without its journal)
         moved: list[str] = []
@@ -349,7 +350,7 @@ class Machine:
                 continue
             target = os.path.join(dest, rel)
             if os.sep in rel:
-                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                makedirs_private(os.path.dirname(target))
             try:
                 os.rename(src, target)  # a file replaces its copy from an archive cut short
             except OSError as exc:
@@ -423,8 +424,9 @@ class Machine:
             make, owned = stage_paths(self.config, stage, round_, state["run_id"] or "")
             self._emit("stage_start", f"Starting {stage}", stage=stage, artifact_paths=owned)
             self._save()  # a crash from here on is seen as an interrupted stage
+            from .stagelog import makedirs_private
             for path in make:
-                os.makedirs(path, mode=0o700, exist_ok=True)
+                makedirs_private(path)  # logs/ as well as logs/round_R: 0700 whatever the umask
         ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))

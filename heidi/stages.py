@@ -18,7 +18,7 @@ from .counters import counters_path, read_counters
 from .counters import prepare as prepare_counters
 from .loop import StageContext, StageOutcome
 from .split import split_file
-from .stagelog import StageLog
+from .stagelog import StageLog, makedirs_private
 
 if TYPE_CHECKING:
     from .config import Config
@@ -195,7 +195,7 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     if held is not None:
         return held
     for path in (cfg.data_dir, cfg.eval_dir, os.path.join(cfg.logs_dir, f"round_{round_}")):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        makedirs_private(path)
     counters: dict[str, int] = {}
     if stage == "train":
         try:

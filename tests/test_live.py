@@ -243,12 +243,12 @@ def test_run_redraws_its_line_while_a_stage_runs(slow_stage):
     frames = [f for f in out.split("\r") if f.strip()]
     alive = [f for f in frames if "(generate)" in f and " · token [GITHUB_TOKE" in f]
     assert len(alive) >= 2, out  # redrawn every second during the stage, not only between stages
-    assert all(f" · pid " in f and " · run " in f for f in alive)  # elapsed, pid, last log line
+    assert all(" · pid " in f and " · run " in f for f in alive)  # elapsed, pid, last log line
     assert all(len(f.rstrip()) < 80 for f in frames if "\n" not in f)  # cut to the width
 
 
 def test_status_watch_redraws_in_place_and_ends_on_ctrl_c(slow_stage):
-    root, env, release = slow_stage
+    root, env, _ = slow_stage
     subprocess.run([sys.executable, "-m", "heidi", "start"], env=env, cwd=root, check=True,
                    capture_output=True)
     code, out = _on_a_terminal([sys.executable, "-m", "heidi", "status", "--watch", "0.2"], env,
