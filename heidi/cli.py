@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from .config import Config
 
 from ._version import __version__
+from .cli_parser import MODES, build_parser  # noqa: F401 (MODES: the tests compare it with config's)
+from .cli_parser import UsageExit as _UsageExit
 from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, HeidiError, RunLocked
-
-MODES = ("full", "collect")  # heidi.config.MODES; the CLI parses before loading the config
 
 
 class _LazyCore:
@@ -31,20 +31,6 @@ class _LazyCore:
 
 
 core = _LazyCore()
-
-
-def _parser_class() -> type:
-    import argparse  # ~10 ms of start-up: only for what the fast path below does not parse
-
-    class _Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, exit 2
-            raise _UsageExit(f"{self.prog}: {message}")
-
-    return _Parser
-
-
-class _UsageExit(Exception):
-    pass
 
 
 # The commands cron and scripts run most, with the flags they take: parsed by hand, so that
@@ -86,72 +72,6 @@ def _fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     return SimpleNamespace(command=argv[0], **{k[2:].replace("-", "_"): v for k, v in values.items()})
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out-dir", metavar="DIR", help="the run's directory (default: $OUT_DIR or "
-                   "~/.local/heidi_engine)")
-    p.add_argument("--config", metavar="FILE", help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
-
-
-def build_parser() -> "argparse.ArgumentParser":
-    _Parser = _parser_class()
-    parser = _Parser(prog="heidi", description="Drive teacher -> validate -> test gate -> train -> "
-                     "eval loops, one journaled transition at a time.")
-    parser.add_argument("-V", "--version", action="version", version=f"heidi {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
-    def cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_)
-        _common(p)
-        return p
-
-    p = cmd("start", "start a new run (pipeline_start, round 1)")
-    p.add_argument("--mode", choices=MODES)
-    p.add_argument("--json", action="store_true")
-    p = cmd("tick", "perform one transition (cron-safe: silent on success, 75 if the run is held)")
-    p.add_argument("--steps", type=int, default=1, metavar="N", help="up to N transitions (default 1)")
-    p = cmd("run", "start a run if none (or continue the interrupted one), then tick until IDLE or ERROR")
-    p.add_argument("--mode", choices=MODES)
-    p.add_argument("--json", action="store_true", help="print the final status as JSON")
-    p = cmd("status", "show the run's state (read without the lock)")
-    p.add_argument("--json", action="store_true")
-    for name, help_ in (("stop", "stop the run (ends a running stage)"),
-                        ("pause", "pause: ticks do nothing until resumed"),
-                        ("resume", "resume a paused run"),
-                        ("train-now", "collect mode: train on what was collected"),
-                        ("continue", "a run in ERROR or stopped goes on in its run_id, from the "
-                         "stage that failed or was stopped")):
-        p = cmd(name, help_)
-        p.add_argument("--json", action="store_true")
-    p = cmd("verify", "strictly check a journal: schema, chain and head")
-    p.add_argument("path", nargs="?", metavar="PATH", help="events.jsonl or a run directory")
-    p.add_argument("--json", action="store_true")
-    p = cmd("daemon", "run the loop and serve the local HTTP API (foreground unless --detach)")
-    p.add_argument("--host", help="address to bind (default: $HEIDI_HOST or 127.0.0.1)")
-    p.add_argument("--port", help="port (default: $HEIDI_PORT or 8080; 0 picks a free one)")
-    p.add_argument("--mode", choices=MODES, help="mode of the run the daemon starts, if it starts one")
-    p.add_argument("--detach", action="store_true", help="double-fork into the background")
-    p.add_argument("--pid-file", metavar="FILE", help="pid file (default with --detach: OUT_DIR/heidi.pid)")
-    p.add_argument("--log-file", metavar="FILE", help="with --detach (default: OUT_DIR/daemon.log)")
-    p = cmd("generate", "the teacher stage: ask TEACHER_PROVIDER for N samples, appended to FILE "
-            "as replies arrive (a rerun skips ids already there)")
-    p.add_argument("--samples", type=int, metavar="N", help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
-    p.add_argument("--output", required=True, metavar="FILE", help="JSONL file to append to")
-    p.add_argument("--prompts", metavar="FILE", help="JSONL with instruction (+ input) or one prompt "
-                   "per line, cycled to N (default: built-in code tasks)")
-    p.add_argument("--round", type=int, metavar="R", help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the built-in tasks and ids (default: $SEED)")
-    p = sub.add_parser("redact", help="copy FILE (or stdin) to stdout with secrets redacted")
-    p.add_argument("file", nargs="?", metavar="FILE")
-    p = sub.add_parser("version", help="print the version")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="also tell, per heidi/_fast module, compiled or pure-Python")
-    p.add_argument("--json", action="store_true")
-    p = sub.add_parser("init", help="write a runnable example pipeline (heidi.toml + scripts/) into DIR")
-    p.add_argument("dir", nargs="?", default=".", metavar="DIR")
-    p.add_argument("--force", action="store_true", help="overwrite existing files")
-    return parser
-
-
 def _config(args: argparse.Namespace, **extra: Any) -> "Config":
     from .config import Config
     overrides = {"OUT_DIR": getattr(args, "out_dir", None), **extra}
@@ -164,20 +84,8 @@ def _print_json(obj: Any) -> None:
 
 
 def _status_line(view: dict[str, Any]) -> str:
-    if view.get("run_id") is None:
-        return f"no run in {view['out_dir']}"
-    line = (f"run {view['run_id']}: {view['status']}, state {view['state']}, "
-            f"round {view['round']}/{view['rounds']}, mode {view['mode']}")
-    if view.get("stage") and view["state"] not in ("IDLE",):
-        line += f", stage {view['stage']}"
-    if view.get("pending_requests"):
-        line += f", pending: {' '.join(view['pending_requests'])}"
-    if view.get("last_error") and view["state"] == "ERROR":
-        line += f"; error: {view['last_error']}"
-    if view.get("interrupted"):
-        line += (f"; no heidi process holds it: the next `heidi run`, tick or daemon runs "
-                 f"{view.get('stage') or 'the stage'} again")
-    return line
+    from .show import status_line
+    return status_line(view)
 
 
 WAY_OUT = "`heidi continue` runs it again in the same run, `heidi start` begins a new run"
@@ -208,31 +116,11 @@ def cmd_tick(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-class _Progress:
-    """One live line on a terminal; nothing when stdout is not a TTY."""
-
-    def __init__(self) -> None:
-        self.enabled = sys.stdout.isatty()
-        self.width = 0
-
-    def __call__(self, view: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        text = (f"[round {view['round']}/{view['rounds']}] {view['state']}"
-                + (f" ({view['stage']})" if view.get("stage") else "")
-                + (" paused" if view.get("paused") else ""))
-        sys.stdout.write("\r" + text.ljust(self.width))
-        sys.stdout.flush()
-        self.width = len(text)
-
-    def done(self) -> None:
-        if self.enabled and self.width:
-            sys.stdout.write("\n")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    progress = _Progress()
+    from .show import Progress
+    from .status import live_view, read_state, status_view
+    progress = Progress(lambda: live_view(status_view(read_state(cfg.state_path), cfg), cfg))
     try:
         view = core.run(cfg, args.mode, on_progress=progress)
     finally:
@@ -251,18 +139,49 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .waiting import daemon_waiting
     cfg = _config(args)
+    _pure_twins_notice()
+    from .show import status_text, terminal_width, watch
+    interval = getattr(args, "watch", None)
+    if interval is not None:
+        if not 0.1 <= interval <= 86400:
+            raise _UsageExit(f"heidi status: --watch {interval:g}: seconds from 0.1 to 86400")
+        read = (lambda: core.status(cfg))
+        try:
+            if args.json:
+                import json
+                import time
+                while True:  # one JSON object per line, for a pipe
+                    sys.stdout.write(json.dumps(read(), ensure_ascii=False) + "\n")
+                    sys.stdout.flush()
+                    time.sleep(interval)
+            watch(read, interval)
+        except KeyboardInterrupt:
+            return EXIT_OK  # Ctrl-C is how a watch ends
+    from .waiting import daemon_waiting
     view = core.status(cfg)
     # a daemon waiting out a full disk says so over its API (no file of the run can)
     view["waiting"] = daemon_waiting(cfg.out_dir, view.get("holder_pid"), cfg.api_token)
     if args.json:
         _print_json(view)
     else:
-        # One line still (scripts read it): which containment the stages have, at its end.
-        waiting = f"; waiting: {view['waiting']}" if view["waiting"] else ""
-        print(f"{_status_line(view)}{waiting}; containment: {view['containment']}")
+        # The first line as always (scripts read it, containment at its end); while a stage runs,
+        # lines under it tell since when, who holds the run and the stage's last log line.
+        lines = status_text(view, terminal_width())
+        if view["waiting"]:
+            lines.insert(1, f"waiting: {view['waiting']}")
+        print("\n".join(lines))
     return _exit_for(view)
+
+
+def _pure_twins_notice() -> None:
+    """One line on stderr when heidi runs its pure-Python twins because the compiled modules are
+    missing (a build without a C compiler), not when HEIDI_NO_EXTENSIONS asked for them."""
+    from ._fast import atomic, no_extensions  # the module status and every run load anyway
+    if no_extensions() or atomic.COMPILED:
+        return
+    print("heidi: running the pure-Python modules (the compiled ones were not built: no C "
+          "compiler?); slower, same results. `heidi doctor` tells more", file=sys.stderr)
 
 
 def cmd_action(args: argparse.Namespace) -> int:
@@ -343,6 +262,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    _pure_twins_notice()
     from ._fast import implementations, no_extensions
     info = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}
@@ -386,18 +306,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    import shlex
+
     from .example import write_example
     written = write_example(args.dir, force=args.force)
-    print(f"wrote {len(written)} files into {os.path.abspath(args.dir)}; "
-          f"run it with: cd {args.dir} && heidi run")
+    here = os.path.realpath(args.dir) == os.path.realpath(os.getcwd())
+    print(f"wrote {len(written)} files into {os.path.abspath(args.dir)}; run it with: "
+          + ("heidi run" if here else f"cd {shlex.quote(args.dir)} && heidi run"))
     return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import check
+    report, problems = check(_config(args))
+    for line in report:
+        print(line)
+    for line in problems:
+        print(f"problem: {line}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_status,
             "stop": cmd_action, "pause": cmd_action, "resume": cmd_action, "train-now": cmd_action,
             "continue": cmd_action,
             "verify": cmd_verify, "redact": cmd_redact, "version": cmd_version, "init": cmd_init,
-            "daemon": cmd_daemon, "generate": cmd_generate}
+            "daemon": cmd_daemon, "generate": cmd_generate, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

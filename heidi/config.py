@@ -124,6 +124,9 @@ def _out_dir(name: str, raw: Any) -> str:
     if home not in ("", "~") and real == os.path.realpath(home):
         raise ConfigError(f"{name}={raw!r}: must not be the home directory itself "
                           "(give a directory of its own, e.g. ~/heidi-run)")
+    if os.path.exists(real) and not os.path.isdir(real):
+        raise ConfigError(f"{name}={raw!r}: is a file, not a directory (give a directory, "
+                          "existing or to be made)")
     return path
 
 

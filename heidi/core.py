@@ -15,8 +15,8 @@ from .interrupt import Interrupt, signals_interrupt
 from .limits import apply_limits
 from .lock import lock_holder
 from ._fast._supervise_cgroup import running_containment
-from .loop import judge_action
-from .status import read_state, status_view
+from .loop import action_reasons, judge_action
+from .status import live_view, read_state, status_view
 from .waiting import DiskWait, stderr_line
 
 if TYPE_CHECKING:
@@ -160,6 +160,8 @@ def status(config: Config) -> dict[str, Any]:
     view = status_view(read_state(config.state_path), config)
     view["holder_pid"] = lock_holder(config.lock_path)
     view["containment"] = running_containment(view["holder_pid"])
+    live_view(view, config)
+    view["actions"] = action_reasons(view)
     return view
 
 

@@ -102,6 +102,40 @@ def judge_action(action: str, state: Mapping[str, Any], queued: Sequence[str] | 
     return True
 
 
+def action_reasons(view: Mapping[str, Any]) -> dict[str, str | None]:
+    """For each control action, None when it applies to the run in `view` (a status view) now,
+    else the one line saying why not: what the page shows on a disabled button.
+
+    Judged as the holder of the run would apply it, and also as a request queued behind those
+    pending (a resume behind a queued pause is accepted). An interrupted run is judged by the
+    status on disk: the next process that takes it applies the action."""
+    if view.get("run_id") is None:
+        return {action: f"no run in {view.get('out_dir')}" for action in ACTIONS}
+    judged = dict(view)
+    if view.get("interrupted"):
+        judged["status"] = "running"
+    pending = list(view.get("pending_requests") or ())
+    reasons: dict[str, str | None] = {}
+    for action in ACTIONS:
+        if pending and pending[-1] == action:
+            reasons[action] = f"{action.replace('_', '-')} is already requested; the process " \
+                              "holding the run applies it at its next step"
+            continue
+        try:
+            applies = judge_action(action, judged)
+            reasons[action] = None if applies else \
+                f"run {view['run_id']} is {judged['status']} already: nothing to {action}"
+        except RefusedError as exc:
+            reasons[action] = str(exc)
+        if reasons[action] is not None and pending:
+            try:
+                judge_action(action, judged, queued=pending)
+                reasons[action] = None
+            except RefusedError:
+                pass
+    return reasons
+
+
 def next_state(state: str, outcome: str, mode: str, run_unit_tests: bool) -> str:
     if outcome == "ok" and state == "VALIDATING" and run_unit_tests:
         outcome = "ok+tests"
@@ -156,10 +190,41 @@ def empty_state() -> dict[str, Any]:
         "run_id": None, "status": "idle", "state": "IDLE", "mode": "full", "current_round": 0,
         "rounds": 0, "run_unit_tests": False, "current_stage": None, "stage_status": None,
         "paused": False, "stop_requested": False, "pause_requested": False,
-        "counters": {}, "usage": {}, "started_at": None, "updated_at": None,
+        "counters": {}, "usage": {}, "usage_by_stage": {}, "started_at": None,
+        "stage_started_at": None, "updated_at": None,
         "journal": {"events": 0, "head": None, "bytes": 0}, "last_error": None,
         "continue_from": None,
     }
+
+
+# Keys a state.json written before usage_by_stage and stage_started_at existed lacks; such a
+# state is rebuilt from the journal when a process takes the run (its usage was summed whole).
+NEW_STATE_KEYS = ("usage_by_stage", "stage_started_at")
+
+
+def usage_rule(key: str) -> str:
+    """How a usage_delta key folds into the run's usage, by its name: amounts (`*_s`, `*_ms`,
+    `*_bytes`) "sum" over stages, peaks (`peak_*`) keep their "max", and anything else (a
+    percentage, a delta of a system reading) is only meaningful per stage: "last", kept in
+    usage_by_stage[stage] beside every other key of the stage's last delta."""
+    if key.startswith("peak_"):
+        return "max"
+    if key.endswith(("_s", "_ms", "_bytes")):
+        return "sum"
+    return "last"
+
+
+def _fold_usage(state: dict[str, Any], stage: str | None, delta: dict[str, Any]) -> None:
+    total = state["usage"]
+    for key, value in delta.items():
+        rule = usage_rule(key)
+        if rule == "sum":
+            old = total.get(key, 0)
+            total[key] = round(old + value, 6) if isinstance(value, float) or isinstance(old, float) \
+                else old + value
+        elif rule == "max":
+            total[key] = max(total.get(key, value), value)
+    state.setdefault("usage_by_stage", {})[stage or "pipeline"] = dict(delta)
 
 
 def _add(total: dict, delta: dict) -> None:
@@ -181,7 +246,7 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     if event["counters_delta"]:
         _add(state["counters"], event["counters_delta"])
     if event["usage_delta"]:
-        _add(state["usage"], event["usage_delta"])
+        _fold_usage(state, event.get("stage"), event["usage_delta"])
     if kind == "pipeline_start":
         state["continue_from"] = None
         match = _START_RE.search(event["message"])
@@ -198,7 +263,7 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
             state["status"] = "running"
     elif kind == "stage_start":
         state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
-                     stage_status="running")
+                     stage_status="running", stage_started_at=event["ts"])
         match = _SLURM_NAME_RE.search(event["message"])
         if match is not None:
             state["slurm_attempts"] = state.get("slurm_attempts", 0) + 1

@@ -24,8 +24,8 @@ from .journal import (Head, JournalChanged, JournalWriter, LazyModule, changed_a
                       line_before, read_tail, verify_journal, verify_run)  # noqa: F401
 from .lock import RunLock
 from .loop import (ACTIVE_STATUSES, ENDED_STATUSES, NEXT_ROUND, STAGE_OF,  # noqa: F401
-                   STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome, StageRunner,
-                   apply_event, empty_state, judge_action, new_run_id, next_state)
+                   NEW_STATE_KEYS, STATE_OF, STATES, TRANSITIONS, StageContext, StageOutcome,
+                   StageRunner, apply_event, empty_state, judge_action, new_run_id, next_state)
 from .status import StatusWriter, fingerprint, read_state, status_view
 from .waiting import DiskWait, check_room, stderr_line
 
@@ -190,6 +190,9 @@ class Machine:
         state = self._read_state_file(journal_size)
         if state is not None and not state.get("run_id"):
             state = None  # a state without a run is nothing to keep
+        older = state is not None and journal_size > 0 and any(k not in state for k in NEW_STATE_KEYS)
+        if older:
+            state = None  # an older heidi's state.json (usage summed whole): rebuilt from the journal
         if state is None and not journal_size:
             return
         if state is not None and not journal_size:
@@ -206,7 +209,8 @@ class Machine:
                 if not head.events:
                     raise StateError(f"{cfg.journal_path}: holds no whole event (only a cut-off "
                                      "line); cannot tell which run it is")
-                note = f"state.json rebuilt from the journal ({head.events} events)"
+                note = (f"state.json {'of an older heidi ' if older else ''}rebuilt from the "
+                        f"journal ({head.events} events)")
             else:
                 if journal_size < head.size or not head_matches(fd, head):
                     raise JournalChanged(changed_at(cfg.journal_path, head.events, head.hash),
@@ -372,8 +376,9 @@ class Machine:
         if self.journal is not None:
             self.journal.close()
             self.journal = None
+        from .stagelog import makedirs_private
         dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
-        os.makedirs(dest, mode=0o700, exist_ok=True)
+        makedirs_private(dest)
         # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
         # a journal to rebuild the state from, or no run at all (never a state without its journal)
         moved: list[str] = []
@@ -385,7 +390,7 @@ class Machine:
                 continue
             target = os.path.join(dest, rel)
             if os.sep in rel:
-                os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                makedirs_private(os.path.dirname(target))
             try:
                 os.rename(src, target)  # a file replaces its copy from an archive cut short
             except OSError as exc:
@@ -472,7 +477,7 @@ class Machine:
             self._emit("stage_start", f"Starting {stage}", stage=stage, artifact_paths=owned)
             self._save()  # a crash from here on is seen as an interrupted stage
             for path in make:
-                self._io(self.disk_wait, _makedirs, path)
+                self._io(self.disk_wait, _makedirs, path)  # 0700 whatever the umask
         ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))
@@ -627,6 +632,12 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
         behind = count == want and fh.read(1) != b""
     replayed["journal"] = {"events": count, "head": prev, "bytes": pos, "head_offset": offset}
     on_disk = {k: v for k, v in state.items() if k not in _NOT_FOLDED}
+    if any(k not in state for k in NEW_STATE_KEYS):
+        # an older heidi's state.json: its usage was folded by another rule (summed whole), and
+        # the keys it lacks are rebuilt by the next process that takes the run
+        for key in ("usage",) + NEW_STATE_KEYS:
+            on_disk.pop(key, None)
+            replayed.pop(key, None)
     # the mtime is the file's, not the events' (a copy of the run changes it); head_offset is
     # missing from the state.json of an older heidi
     on_disk["journal"] = {k: v for k, v in recorded.items() if k != "mtime_ns"}
@@ -644,7 +655,8 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
 
 
 def _makedirs(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    from .stagelog import makedirs_private
+    makedirs_private(path)  # logs/ as well as logs/round_R: 0700 whatever the umask
 
 
 def _short(value: Any) -> str:

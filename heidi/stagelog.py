@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from ._fast.redact import LineRedactor
 
-__all__ = ("StageLog", "MAX_LINE_BYTES")
+__all__ = ("StageLog", "MAX_LINE_BYTES", "makedirs_private")
 
 # A "line" longer than this (a progress bar redrawn with \r, a binary dump) is flushed in pieces,
 # without a newline added, so that memory stays bounded. Each piece's tail is held back and
@@ -36,9 +36,10 @@ def _utf8_cut(data: bytes | bytearray, limit: int) -> int:
     return cut if cut > 0 else limit
 
 
-def _makedirs_private(path: str) -> None:
-    # os.makedirs gives mode only to the leaf: every directory created here is 0700, since logs
-    # of a run are nobody else's business. Existing directories are left as they are.
+def makedirs_private(path: str) -> None:
+    """os.makedirs(path), every directory it creates 0700 whatever the umask (os.makedirs gives
+    its mode only to the leaf): a run's logs and data are nobody else's business. Existing
+    directories are left as they are."""
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
@@ -75,7 +76,7 @@ class StageLog:
         self.error: str | None = None
         self.bytes_in = 0
         if path is not None:
-            _makedirs_private(os.path.dirname(os.path.abspath(path)))
+            makedirs_private(os.path.dirname(os.path.abspath(path)))
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     # -- the on_output callback

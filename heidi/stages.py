@@ -20,7 +20,7 @@ from .counters import prepare as prepare_counters
 from .errors import one_line
 from .loop import StageContext, StageOutcome
 from .split import split_file
-from .stagelog import StageLog
+from .stagelog import StageLog, makedirs_private
 from .waiting import is_disk_full
 
 if TYPE_CHECKING:
@@ -188,14 +188,16 @@ def govern(ctx: StageContext, stage: str, sampler: Any) -> StageOutcome | None:
         reason = _system_busy(cfg, sampler)
         if reason is None:
             return None
+        # The hold is journaled first: a stage held at all says so before it can fail, however
+        # small MAX_WALL_TIME_MINUTES is (one CPU sample may already outlast it).
+        if last_event is None or time.monotonic() - last_event >= THROTTLE_EVENT_EVERY_S:
+            ctx.warn("pipeline_throttled", f"holding {stage}: {reason}")
+            last_event = time.monotonic()
         waited = time.monotonic() - started
         if waited >= limit_s:
             return StageOutcome(ok=False, error=f"system stayed busy for {cfg.max_wall_time_minutes:g} "
                                 f"min (MAX_WALL_TIME_MINUTES): {reason}",
                                 output_tail=f"governor gave up waiting: {reason}")
-        if last_event is None or time.monotonic() - last_event >= THROTTLE_EVENT_EVERY_S:
-            ctx.warn("pipeline_throttled", f"holding {stage}: {reason}")
-            last_event = time.monotonic()
         if ctx.stop_requested():
             return StageOutcome(ok=False, stopped=True, error="stopped")
         time.sleep(min(1.0, max(0.05, limit_s - waited)))
@@ -213,7 +215,7 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     if held is not None:
         return held
     for path in (cfg.data_dir, cfg.eval_dir, os.path.join(cfg.logs_dir, f"round_{round_}")):
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        makedirs_private(path)
     counters: dict[str, int] = {}
     if stage == "train":
         try:

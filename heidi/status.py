@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from typing import TYPE_CHECKING, Any
 
 from . import control
@@ -113,8 +115,95 @@ def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
         "usage": state["usage"], "started_at": state["started_at"],
         "updated_at": state["updated_at"], "last_error": state["last_error"],
         "journal": state["journal"], "out_dir": config.out_dir, "pending_requests": pending,
+        "usage_by_stage": state.get("usage_by_stage") or {},
+        "stage_started_at": (state.get("stage_started_at")
+                             if state["stage_status"] == "running" else None),
     }
     slurm = _slurm_view(state)
     if slurm is not None:
         view["slurm"] = slurm
+    return view
+
+
+LOG_TAIL_LINES = 10
+LOG_LINE_CHARS = 500
+_LOG_TAIL_BYTES = 16 * 1024
+# ANSI escape sequences (colours, cursor moves) and other control characters a stage may print:
+# a status line is shown on terminals and in a browser, never as the stage's terminal codes.
+_ESCAPES = (r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x08\x0b-\x1f\x7f]")  # compiled on first use (re caches it)
+
+
+def epoch_of(ts: str | None) -> float | None:
+    """Epoch seconds of a journal `ts` (2026-02-20T07:45:38.307Z), None when there is none.
+
+    Parsed by hand for that one format (`heidi status` starts without importing datetime);
+    anything else goes through clock.parse_ts."""
+    if not ts:
+        return None
+    try:
+        if len(ts) == 24 and ts[4] == "-" and ts[10] == "T" and ts[19] == "." and ts[23] == "Z":
+            y, m, d = int(ts[0:4]), int(ts[5:7]), int(ts[8:10])
+            # days from 1970-01-01 to y-m-d in the proleptic Gregorian calendar (civil_from_days)
+            y -= m <= 2
+            era = y // 400
+            yoe = y - era * 400
+            doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+            days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+            return (days * 86400 + int(ts[11:13]) * 3600 + int(ts[14:16]) * 60 + int(ts[17:19])
+                    + int(ts[20:23]) / 1000.0)
+        from .clock import parse_ts
+        return parse_ts(ts)
+    except ValueError:
+        return None
+
+
+def stage_log_path(config: "Config", round_: int, stage: str) -> str:
+    """Where a stage's redacted output goes (heidi.stages writes it)."""
+    return os.path.join(config.logs_dir, f"round_{round_}", f"{stage}.log")
+
+
+def log_tail(path: str, lines: int = LOG_TAIL_LINES) -> list[str]:
+    """The last `lines` non-empty lines of a stage log (already redacted when written), each as
+    a terminal would show it last: the text after its last carriage return (a progress bar
+    redrawn in place), escape sequences and control characters dropped, cut to LOG_LINE_CHARS."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(max(0, size - _LOG_TAIL_BYTES))
+            data = fh.read(_LOG_TAIL_BYTES)
+    except OSError:
+        return []
+    text = data.decode("utf-8", "replace")
+    if size > _LOG_TAIL_BYTES:
+        text = text.partition("\n")[2]  # the first line read may be cut: not shown
+    shown = []
+    escapes = re.compile(_ESCAPES)
+    for line in text.split("\n"):
+        line = escapes.sub("", line.rstrip("\r").rpartition("\r")[2]).strip()
+        if line:
+            shown.append(line[:LOG_LINE_CHARS])
+    return shown[-lines:]
+
+
+def live_view(view: dict[str, Any], config: "Config", now: float | None = None) -> dict[str, Any]:
+    """Add what shows a run is alive to a status view (in place; returned): elapsed in the run
+    and in the running stage, the stage's log and its last lines. Keys: run_elapsed_s,
+    stage_elapsed_s (None unless a stage runs in a live process), stage_log (None when the
+    stage wrote none yet), stage_log_last_line, stage_log_tail."""
+    now = time.time() if now is None else now
+    started = epoch_of(view.get("started_at"))
+    ended = view.get("status") in ("completed", "stopped", "error")
+    end = epoch_of(view.get("updated_at")) if ended else now
+    view["run_elapsed_s"] = (round(max(0.0, end - started), 3)
+                             if started is not None and end is not None else None)
+    stage_started = epoch_of(view.get("stage_started_at"))
+    view["stage_elapsed_s"] = (round(max(0.0, now - stage_started), 3)
+                               if stage_started is not None and not view.get("interrupted") else None)
+    log = None
+    if view.get("stage") and view.get("round"):
+        path = stage_log_path(config, view["round"], view["stage"])
+        if os.path.isfile(path):
+            log = path
+    tail = log_tail(log) if log else []
+    view.update(stage_log=log, stage_log_last_line=tail[-1] if tail else None, stage_log_tail=tail)
     return view

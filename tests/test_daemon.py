@@ -220,7 +220,11 @@ def test_collect_mode_run_through_the_api(start_daemon, tmp_path):
     assert samples["heidi_round"] == 2 and samples["heidi_rounds"] == 2
     assert samples['heidi_state{state="IDLE"}'] == 1 and samples['heidi_state{state="ERROR"}'] == 0
     assert samples["heidi_paused"] == 0 and samples["heidi_events_total"] == len(lines)
-    assert any(k.startswith('heidi_usage{name="cpu_pct"}') for k in samples)
+    # usage: sums as counters, percentages per stage as gauges (mock stages carry cpu_pct, wall_ms)
+    assert "# TYPE heidi_stage_wall_seconds_total counter" in text
+    assert "# TYPE heidi_stage_cpu_percent gauge" in text
+    assert 'heidi_stage_cpu_percent{stage="train"}' in samples
+    assert not any(k.startswith("heidi_usage") for k in samples)
 
     # health, page, errors
     assert get_json(d.port, "/healthz") == (200, {"ok": True})
@@ -287,8 +291,9 @@ def test_token_required(start_daemon, tmp_path):
     assert get_json(d.port, "/healthz") == (200, {"ok": True})
     assert request(d.port, "GET", "/metrics")[0] == 401
     assert request(d.port, "POST", "/api/v1/action/stop")[0] == 401
-    assert request(d.port, "GET", "/")[0] == 401
-    assert request(d.port, "GET", f"/?token={TOKEN}")[0] == 200
+    code, ctype, data = request(d.port, "GET", "/")
+    assert code == 401 and ctype.startswith("text/html") and b"/?token=" in data  # a page, not JSON
+    assert request(d.port, "GET", f"/?token={TOKEN}")[0] == 303  # the cookie: tests/test_page.py
     assert request(d.port, "GET", "/?token=nope")[0] == 401
     assert d.terminate() == 0
     assert TOKEN not in d.stderr()

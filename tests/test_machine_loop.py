@@ -64,8 +64,12 @@ def test_full_mode_two_rounds_exact_sequence(tmp_path):
     state = check_run(cfg)
     # usage: every stage's delta counted once (script_success carries it, stage_end nothing)
     assert all(e["usage_delta"] == {} for e in evs if e["event_type"] == "stage_end")
-    total = sum(e["usage_delta"]["cpu_pct"] for e in evs if e["event_type"] == "script_success")
-    assert state["usage"]["cpu_pct"] == pytest.approx(total)
+    # amounts add up over stages, percentages stay per stage (the last one of each)
+    ok = [e for e in evs if e["event_type"] == "script_success"]
+    assert state["usage"]["wall_ms"] == pytest.approx(sum(e["usage_delta"]["wall_ms"] for e in ok))
+    assert "cpu_pct" not in state["usage"]
+    last_eval = [e for e in ok if e["stage"] == "eval"][-1]
+    assert state["usage_by_stage"]["eval"] == last_eval["usage_delta"]
 
     # a completed run: ticks do nothing
     assert orjson.loads(core.tick(max_steps=5))["status"] == "completed"

@@ -311,6 +311,16 @@ def test_governor_holds_then_fails_after_max_wall_time(pipeline):
     assert not (pipeline.out_dir / "logs" / "round_1" / "generate.log").exists()  # never started
 
 
+@pytest.mark.parametrize("minutes", ["0.0001", "0.001"])  # 6 ms, 60 ms: under one 0.25 s CPU sample
+def test_governor_journals_the_hold_before_failing_however_small_the_limit(pipeline, minutes):
+    res = pipeline.cli("run", MAX_MEM_PCT="1", MAX_CPU_PCT="1", MAX_WALL_TIME_MINUTES=minutes)
+    assert res.returncode == 1 and "MAX_WALL_TIME_MINUTES" in res.stderr
+    kinds = [e["event_type"] for e in pipeline.events()]
+    assert kinds.count("pipeline_throttled") == 1
+    assert kinds.index("pipeline_throttled") < kinds.index("pipeline_error")
+    pipeline.verify()
+
+
 def test_governor_lets_the_stage_run_when_the_system_is_calm(pipeline):
     res = pipeline.cli("run", MAX_MEM_PCT="99.9", MAX_CPU_PCT="100")
     assert res.returncode == 0, res.stderr

@@ -15,13 +15,16 @@ page is package data, heidi/page.html.
 Endpoints (JSON unless noted; with HEIDI_API_TOKEN set, all but /healthz need
 `Authorization: Bearer <token>`):
   GET  /healthz                      200 {"ok": true}
-  GET  /api/v1/status                200 the status view, with "waiting" (a full disk) or null
+  GET  /api/v1/status                200 the status view (with live stage fields, "actions", and
+                                         "waiting": a full disk, or null)
   POST /api/v1/action/<action>       202 {"action", "result": "queued"} | 409 {"error"}
                                      | 507 {"error"} (the request file: disk full)
                                      (action: train_now, pause, resume, stop, continue)
   GET  /api/v1/events?since=N&limit=M  200 {"events": [...], "next": K}
   GET  /metrics                      200 Prometheus text exposition 0.0.4
-  GET  /                             200 HTML status page (?token=... accepted here only)
+  GET  /                             200 HTML status page; /?token=... (accepted here only)
+                                     303 to / with an HttpOnly SameSite=Strict cookie that
+                                     the page's requests and a reload then carry
 """
 from __future__ import annotations
 

@@ -29,6 +29,11 @@ __all__ = ["API", "MAX_BODY_BYTES", "PAGE", "Server", "make_server", "url"]
 # one-file frozen heidi deletes its unpacked files once the parent it detached from exits.
 PAGE = files("heidi").joinpath("page.html").read_bytes()
 Server = HttpServer  # what service.py serves with: serve_forever, shutdown, server_close
+UNAUTHORIZED_PAGE = (b'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>heidi</title>'
+                     b'</head><body style="font:14px system-ui,sans-serif;margin:1.5em"><h1>heidi '
+                     b'daemon</h1><p>This daemon needs its API token. Open the page once as '
+                     b'<code>/?token=&lt;HEIDI_API_TOKEN&gt;</code>: the browser then keeps it (an '
+                     b'HttpOnly cookie for this site) and reloads work.</p></body></html>\n')
 
 
 def url(host: str, port: int) -> str:
@@ -101,12 +106,26 @@ class _Handler:
                 if self._allow(("GET", "HEAD")):
                     self._json(200, {"ok": True})
                 return
-            if not app.auth.authorized(self.headers.get("Authorization"), path, query):
-                self._error(401, "missing or wrong API token (Authorization: Bearer <token>)",
-                            {"WWW-Authenticate": 'Bearer realm="heidi"'})
+            how = app.auth.authorized_by(self.headers.get("Authorization"), path, query,
+                                         self.headers.get("Cookie"))
+            if how is None:
+                challenge = {"WWW-Authenticate": 'Bearer realm="heidi"'}
+                if path == "/" and self.command in ("GET", "HEAD"):
+                    self._send(401, UNAUTHORIZED_PAGE, "text/html; charset=utf-8", challenge)
+                else:
+                    self._error(401, "missing or wrong API token (Authorization: Bearer <token>)",
+                                challenge)
                 return
             if not app.auth.host_allowed(self.headers.get("Host")):
                 self._error(403, "Host header is not a loopback name (DNS rebinding?)")
+                return
+            if path == "/" and how == "query":
+                # The token goes into an HttpOnly cookie and out of the address bar (history,
+                # screenshots, a reload): the page's requests and a reload carry the cookie.
+                if self._allow(("GET", "HEAD")):
+                    self._send(303, b"", "text/plain; charset=utf-8",
+                               {"Location": "/", "Set-Cookie": app.auth.set_cookie(),
+                                "Referrer-Policy": "no-referrer"})
                 return
             if path == "/":
                 if self._allow(("GET", "HEAD")):
@@ -136,7 +155,8 @@ class _Handler:
                     return
                 if not self._allow(("POST",)):
                     return
-                if not app.auth.origin_allowed(self.headers.get("Origin"), self.headers.get("Host")):
+                if not app.auth.origin_allowed(self.headers.get("Origin"), self.headers.get("Host"),
+                                               by_cookie=how == "cookie"):
                     self._error(403, "cross-origin request refused")
                     return
                 code, obj = app.queue_action(action)

@@ -1,10 +1,11 @@
-"""Who may use the daemon's API: the bearer token (compared in constant time), loopback-only Host
-names without a token (no DNS rebinding), same-origin POSTs (no CSRF), and the bind check."""
+"""Who may use the daemon's API: the bearer token (compared in constant time; or the page's
+cookie, set when the page was opened as /?token=...), loopback-only Host names without a token
+(no DNS rebinding), same-origin POSTs (no CSRF), and the bind check."""
 from __future__ import annotations
 
 import hmac
 import ipaddress
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from ..config import Config
 from ..errors import ConfigError
@@ -28,6 +29,20 @@ def check_bind(cfg: Config) -> None:
                           "HEIDI_API_TOKEN; set a token or bind 127.0.0.1")
 
 
+COOKIE = "heidi_token"
+
+
+def cookie_value(header: str | None, name: str) -> str | None:
+    """The value of cookie `name` in a Cookie header (percent-decoded), None when absent."""
+    if not header:
+        return None
+    for part in header.split(";"):
+        key, eq, value = part.strip().partition("=")
+        if eq and key == name:
+            return unquote(value.strip().strip('"'))
+    return None
+
+
 class Auth:
     """The API's checks for one daemon's settings (HEIDI_API_TOKEN, HEIDI_HOST)."""
 
@@ -35,21 +50,43 @@ class Auth:
         self._token = config.api_token.encode() if config.api_token else None
         self._host_names = {config.host.strip("[]").lower()}
 
-    def authorized(self, header: str | None, path: str, query: str) -> bool:
+    @property
+    def required(self) -> bool:
+        return self._token is not None
+
+    def _matches(self, given: str) -> bool:
+        return hmac.compare_digest(given.encode("utf-8", "replace"), self._token or b"")
+
+    def authorized_by(self, header: str | None, path: str, query: str,
+                      cookie: str | None = None) -> str | None:
+        """How the request proves it may use the API: "open" (no token is set), "header"
+        (Authorization: Bearer), "query" (the page opened as /?token=...), "cookie" (the page's
+        cookie, set by that first visit); None when it does not."""
         if self._token is None:
-            return True
-        given = b""
+            return "open"
         if header:
             scheme, _, value = header.strip().partition(" ")
-            if scheme.lower() == "bearer":
-                given = value.strip().encode("utf-8", "replace")
-        elif path == "/" and query:
-            # the status page may be opened as /?token=...; its own requests use the header
+            return "header" if scheme.lower() == "bearer" and self._matches(value.strip()) else None
+        if path == "/" and query:
             try:
-                given = parse_qs(query, max_num_fields=16).get("token", [""])[-1].encode("utf-8", "replace")
+                given = parse_qs(query, max_num_fields=16).get("token", [""])[-1]
             except ValueError:
-                given = b""
-        return hmac.compare_digest(given, self._token)
+                given = ""
+            if given:
+                return "query" if self._matches(given) else None
+        value = cookie_value(cookie, COOKIE)
+        if value is not None and self._matches(value):
+            return "cookie"
+        return None
+
+    def authorized(self, header: str | None, path: str, query: str, cookie: str | None = None) -> bool:
+        return self.authorized_by(header, path, query, cookie) is not None
+
+    def set_cookie(self) -> str:
+        """The Set-Cookie value that lets the page's own requests, and a reload, in: the browser
+        never shows it to scripts (HttpOnly) nor sends it from another site (SameSite=Strict)."""
+        assert self._token is not None
+        return f"{COOKIE}={quote(self._token.decode(), safe='')}; Path=/; HttpOnly; SameSite=Strict"
 
     def host_allowed(self, host_header: str | None) -> bool:
         """Without a token, only loopback Host names: a web page cannot DNS-rebind onto the API."""
@@ -63,10 +100,11 @@ class Auth:
         return is_loopback(host) or host in self._host_names
 
     @staticmethod
-    def origin_allowed(origin: str | None, host_header: str | None) -> bool:
-        """A browser POSTing from another site carries its Origin: refuse it (CSRF)."""
+    def origin_allowed(origin: str | None, host_header: str | None, by_cookie: bool = False) -> bool:
+        """A browser POSTing from another site carries its Origin: refuse it (CSRF). A POST let
+        in by the page's cookie must name its origin, and it must be this one."""
         if origin is None:
-            return True
+            return not by_cookie
         try:
             netloc = urlsplit(origin.strip()).netloc.lower()
         except ValueError:

@@ -1,10 +1,62 @@
 """GET /metrics: the status view in Prometheus text exposition format 0.0.4."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .._version import __version__
-from ..loop import STATES
+from ..loop import STATES, usage_rule
+
+# Units in the names, base units in the values (Prometheus' naming rules): a usage key's suffix
+# says what it counts, and so how it converts.
+_SCALE = (("_ms", "_seconds", 0.001), ("_s", "_seconds", 1.0), ("_kb", "_bytes", 1024.0),
+          ("_mb", "_bytes", 1048576.0), ("_bytes", "_bytes", 1.0), ("_pct", "_percent", 1.0))
+# The two CPU amounts are one metric with a mode label, as node_exporter has it.
+_CPU_MODES = {"cpu_user_s": "user", "cpu_sys_s": "system"}
+
+
+def _metric_name(key: str) -> tuple[str, float]:
+    """(name part with its unit, factor to the base unit) of a usage key: peak_rss_kb ->
+    ("peak_rss_bytes", 1024.0), system_mem_available_kb_delta -> ("system_mem_available_delta_bytes", 1024.0)."""
+    base, delta = (key[:-6], "_delta") if key.endswith("_delta") else (key, "")
+    for suffix, unit, factor in _SCALE:
+        if base.endswith(suffix):
+            return re.sub(r"[^a-zA-Z0-9_]", "_", base[:-len(suffix)]) + delta + unit, factor
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key), 1.0
+
+
+def _usage_metrics(view: dict[str, Any]) -> list[tuple[str, str, str, list[tuple[str, Any]]]]:
+    """The run's usage as (name, type, help, samples): sums as `_total` counters, peaks and
+    per-stage values (percentages, deltas) as gauges."""
+    found: dict[str, tuple[str, str, list[tuple[str, Any]]]] = {}
+
+    def add(name: str, kind: str, help_: str, labels: str, value: Any) -> None:
+        found.setdefault(name, (kind, help_, []))[2].append((labels, value))
+
+    for key, value in sorted((view.get("usage") or {}).items()):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        rule = usage_rule(key)
+        if key in _CPU_MODES:
+            add("heidi_stage_cpu_seconds_total", "counter", "CPU seconds the run's stages used, "
+                "summed over stages.", f'{{mode="{_CPU_MODES[key]}"}}', value)
+            continue
+        name, factor = _metric_name(key)
+        if rule == "sum":
+            add(f"heidi_stage_{name}_total", "counter", f"{key} of the run's stages, summed "
+                "over stages (in base units).", "", value * factor)
+        elif rule == "max":
+            add(f"heidi_{name}", "gauge", f"{key}: the largest of the run's stages (in base "
+                "units).", "", value * factor)
+    for stage, delta in sorted((view.get("usage_by_stage") or {}).items()):
+        for key, value in sorted((delta or {}).items()):
+            if usage_rule(key) != "last" or not isinstance(value, (int, float)) \
+                    or isinstance(value, bool):
+                continue
+            name, factor = _metric_name(key)
+            add(f"heidi_stage_{name}", "gauge", f"{key} of the last run of each stage (not "
+                "summed: only meaningful per stage).", f'{{stage="{_label(stage)}"}}', value * factor)
+    return [(name, kind, help_, samples) for name, (kind, help_, samples) in found.items()]
 
 
 def _label(value: Any) -> str:
@@ -54,8 +106,8 @@ def render_metrics(view: dict[str, Any]) -> str:
            [("", len(view.get("pending_requests") or ()))])
     metric("heidi_counter", "gauge", "The run's counters (sum of counters_delta).",
            [(f'{{name="{_label(k)}"}}', v) for k, v in sorted((view.get("counters") or {}).items())])
-    metric("heidi_usage", "gauge", "The run's usage (sum of usage_delta).",
-           [(f'{{name="{_label(k)}"}}', v) for k, v in sorted((view.get("usage") or {}).items())])
+    for name, kind, help_, samples in _usage_metrics(view):
+        metric(name, kind, help_, samples)
     slurm = view.get("slurm")
     metric("heidi_slurm_job", "gauge", "1 while the running stage is a Slurm job (its id and state).",
            [(f'{{job_id="{_label(slurm.get("job_id"))}",state="{_label(slurm.get("state"))}"}}', 1)]
