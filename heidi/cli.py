@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 if TYPE_CHECKING:
     import argparse
@@ -25,7 +25,7 @@ MODES = ("full", "collect")  # heidi.config.MODES; the CLI parses before loading
 class _LazyCore:
     """heidi.core (and with it the config and the machine) loads only for commands that use it."""
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         from . import core as module
         return getattr(module, name)
 
@@ -37,7 +37,7 @@ def _parser_class() -> type:
     import argparse  # ~10 ms of start-up: only for what the fast path below does not parse
 
     class _Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, exit 2
+        def error(self, message: str) -> NoReturn:  # one line, exit 2
             raise _UsageExit(f"{self.prog}: {message}")
 
     return _Parser
@@ -339,7 +339,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
 
 def cmd_version(args: argparse.Namespace) -> int:
     from ._fast import implementations, no_extensions
-    info = {"version": __version__, "python": sys.version.split()[0],
+    info: dict[str, Any] = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}
     if args.verbose or args.json:
         from ._fast.supervise import containment

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from heidi._fast.atomic import fsync_dir
 
@@ -24,7 +24,7 @@ def val_count(n: int, val_ratio: float) -> int:
     return min(max(round(n * val_ratio), 1), n - 1)
 
 
-def _data_lines(fh: BinaryIO):
+def _data_lines(fh: BinaryIO) -> Iterator[bytes]:
     for line in fh:
         if line.strip():
             yield line if line.endswith(b"\n") else line + b"\n"

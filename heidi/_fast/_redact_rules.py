@@ -147,7 +147,7 @@ def env_name_is_secret(name: str) -> bool:
     return _env_secret_name.search(upper) is not None
 
 
-def secret_env_values(env: Mapping[str, str]) -> tuple[str, ...]:
+def secret_env_values(env: Mapping[str, object]) -> tuple[str, ...]:
     """The values of `env` to redact literally, longest first (a value inside another goes last)."""
     values = set()
     for name, value in env.items():

@@ -73,16 +73,16 @@ def main(argv=None):
 
     train = read_jsonl(args.data)
     val = read_jsonl(args.val_data) if os.path.exists(args.val_data) else []
-    counts = collections.Counter(tok for sample in train for tok in tokens(sample))
-    if not train or not counts:
+    seen = collections.Counter(tok for sample in train for tok in tokens(sample))
+    if not train or not seen:
         print("train: no training data in {}".format(args.data), file=sys.stderr)
         return 1
-    counts = dict(counts.most_common(VOCAB_LIMIT))
+    counts = dict(seen.most_common(VOCAB_LIMIT))
     total = sum(counts.values())
 
     print("train: base model {}, {} train / {} val samples, {} steps".format(
         base_model, len(train), len(val), steps), flush=True)
-    weight = train_loss = None
+    weight = train_loss = 0.0  # steps >= 1: both set by the loop
     for step in range(1, steps + 1):
         # The loss is convex in weight with its minimum at 1 on the training data: it only falls.
         weight = 1.0 - 0.7 ** step
