@@ -58,7 +58,7 @@ def _fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     if not argv or argv[0] not in _FAST:
         return None
     flags = _FAST[argv[0]]
-    values = {name: default for name, default in flags.items()}
+    values = dict(flags)
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -89,7 +89,8 @@ def _fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", metavar="DIR", help="the run's directory (default: $OUT_DIR or "
                    "~/.local/heidi_engine)")
-    p.add_argument("--config", metavar="FILE", help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
 
 
 def build_parser() -> "argparse.ArgumentParser":
@@ -134,12 +135,15 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--log-file", metavar="FILE", help="with --detach (default: OUT_DIR/daemon.log)")
     p = cmd("generate", "the teacher stage: ask TEACHER_PROVIDER for N samples, appended to FILE "
             "as replies arrive (a rerun skips ids already there)")
-    p.add_argument("--samples", type=int, metavar="N", help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
     p.add_argument("--output", required=True, metavar="FILE", help="JSONL file to append to")
     p.add_argument("--prompts", metavar="FILE", help="JSONL with instruction (+ input) or one prompt "
                    "per line, cycled to N (default: built-in code tasks)")
-    p.add_argument("--round", type=int, metavar="R", help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the built-in tasks and ids (default: $SEED)")
+    p.add_argument("--round", type=int, metavar="R",
+                   help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="seed of the built-in tasks and ids (default: $SEED)")
     p = sub.add_parser("redact", help="copy FILE (or stdin) to stdout with secrets redacted")
     p.add_argument("file", nargs="?", metavar="FILE")
     p = sub.add_parser("version", help="print the version")

@@ -41,7 +41,7 @@ class _AtomicOutput:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         os.fchmod(fd, mode)  # the umask may have cleared bits we asked for
         self.committed = False
-        self.fh = open(fd, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed by commit/discard
+        self.fh = open(fd, "wb", buffering=_BUFFER)  # closed by commit/discard
 
     def commit(self) -> None:
         self.fh.flush()

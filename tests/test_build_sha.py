@@ -27,7 +27,8 @@ for i in range(300):
     lines.append(line)
     prev = hashlib.sha256(line).hexdigest()
 data = b"".join(lines)
-assert _chain_c.verify_stream(io.BytesIO(data)) == _chain_py.verify_stream(io.BytesIO(data)) == (300, prev, "run_x")
+assert (_chain_c.verify_stream(io.BytesIO(data)) == _chain_py.verify_stream(io.BytesIO(data))
+        == (300, prev, "run_x"))
 bad = data.replace(lines[100], lines[100].replace(b'"info"', b'"warn"'))
 def answer(m):
     try:

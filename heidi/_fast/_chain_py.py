@@ -87,7 +87,8 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
         return "artifact_paths is not an array"
     for path in paths:
         if type(path) is not str or len(path) > MAX_ARTIFACT_CHARS:
-            return f"artifact_paths has an entry that is not a string of at most {MAX_ARTIFACT_CHARS} characters"
+            return ("artifact_paths has an entry that is not a string of at most "
+                    f"{MAX_ARTIFACT_CHARS} characters")
     err = obj["error"]
     if err is not None and (type(err) is not str or len(err) > MAX_ERROR_CHARS):
         return f"error is not null or a string of at most {MAX_ERROR_CHARS} characters"

@@ -44,8 +44,8 @@ from typing import Protocol
 
 from . import _supervise_cgroup as _cg
 
-__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started", "has_token",
-           "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
+__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started",
+           "has_token", "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
            "token_needle", "watchdog_pid")
 
 TOKEN_ENV = "HEIDI_STAGE_TOKEN"
@@ -335,9 +335,8 @@ class _Sentinel:
             poller.register(self.lifeline, select.POLLIN)
             wait_ms = int(SNAPSHOT_S * 1000)
             while True:
-                if poller.poll(wait_ms):
-                    if not os.read(self.lifeline, 4096):
-                        break  # heidi is gone (lifeline EOF); otherwise: wake() from heidi
+                if poller.poll(wait_ms) and not os.read(self.lifeline, 4096):
+                    break  # heidi is gone (lifeline EOF); a byte read is a wake() from heidi
                 if os.getppid() != self.heidi:
                     break  # heidi is gone and the lifeline somehow was not closed
                 wait_ms = int(self._snapshot() * 1000)

@@ -3,9 +3,10 @@
 
 A sample's code is the first fenced code block of its `output` (the whole output if it has
 none); its tests are the `assert` lines of its `input` (the built-in tasks of `heidi generate`
-carry them there). A sample without tests is dropped as untested. Code and tests run together in a fresh, isolated interpreter (sys.executable -I)
-in an empty temporary directory, with a timeout; the process group is killed on timeout. A few
-run in parallel. Generated code is untrusted: on a shared box, run this stage in a sandbox.
+carry them there). A sample without tests is dropped as untested. Code and tests run together
+in a fresh, isolated interpreter (sys.executable -I) in an empty temporary directory, with a
+timeout; the process group is killed on timeout. A few run in parallel. Generated code is
+untrusted: on a shared box, run this stage in a sandbox.
 
 Contract: --input CLEAN --output TESTED [--timeout-s 5]; exit 0 when TESTED is written, 1 if no
 sample passes.
@@ -83,9 +84,9 @@ def main(argv=None):
             lines.append(line)
             samples.append(sample)
 
-    with tempfile.TemporaryDirectory(prefix="heidi-gate-") as workdir:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            results = list(pool.map(lambda s: run_one(s, args.timeout_s, workdir), samples))
+    with tempfile.TemporaryDirectory(prefix="heidi-gate-") as workdir, \
+            ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda s: run_one(s, args.timeout_s, workdir), samples))
 
     counts = {"passed": 0, "failed": 0, "timeout": 0, "untested": 0}
     kept = []

@@ -3,9 +3,9 @@
 
 A real deployment loads BASE_MODEL in 4 bits and trains a LoRA adapter (LORA_R, LR, SEQ_LEN,
 BATCH_SIZE, GRAD_ACCUM, TRAIN_STEPS) on --data, checking --val-data. This stand-in "trains" a
-unigram model of the tokens of the teacher's answers (`output`): each step moves the model from uniform towards the observed
-token frequencies, so the loss (mean negative log-likelihood per token) goes down like a real
-run's, and prints `step S/N loss X` per step.
+unigram model of the tokens of the teacher's answers (`output`): each step moves the model from
+uniform towards the observed token frequencies, so the loss (mean negative log-likelihood per
+token) goes down like a real run's, and prints `step S/N loss X` per step.
 Steps: TRAIN_STEPS, capped at 20 so the example stays fast.
 
 Contract: --data TRAIN --val-data VAL --output DIR; writes DIR/final/adapter.json and
