@@ -545,11 +545,11 @@ def wake(tick: int) -> None:
 def registry() -> Registry:
     """The registry of this process's stages, with a live watchdog reading it."""
     client = _client
-    registry = client.registry  # set whenever pid is
+    known = client.registry  # set whenever pid is
     if client.pid is not None and client.owner == os.getpid():
         try:
-            if os.waitpid(client.pid, os.WNOHANG)[0] == 0 and registry is not None:
-                return registry  # W is alive: the common case, without the lock
+            if os.waitpid(client.pid, os.WNOHANG)[0] == 0 and known is not None:
+                return known  # W is alive: the common case, without the lock
         except ChildProcessError:
             pass
     return client.ensure()
