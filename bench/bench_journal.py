@@ -9,6 +9,7 @@ After the module a ratio table is printed (medians of the pytest-benchmark round
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import os
@@ -178,7 +179,8 @@ def big_journal(tmp_path_factory):
             line = encode(f"2026-02-20T{7 + count // 3_600_000 % 17:02d}:{count // 60000 % 60:02d}:"
                           f"{count // 1000 % 60:02d}.{count % 1000:03d}Z", RUN, 1 + count // 1000,
                           stage, level, event_type,
-                          f"{MESSAGE} step={rng.randrange(10**6)} \"quoted\" ünïcode"[:rng.randrange(40, 160)],
+                          f"{MESSAGE} step={rng.randrange(10**6)} \"quoted\" ünïcode"
+                          [:rng.randrange(40, 160)],
                           {"samples": rng.randrange(1000)}, usage,
                           [f"data/raw_round_{count // 1000}.jsonl"] if count % 3 == 0 else [],
                           None if count % 7 else "exited with code 3", prev)
@@ -387,10 +389,10 @@ def _ratio_lines(tmp: str, journal_info) -> list[str]:
         if (group, "raw") not in _MEDIANS:
             continue
         path = os.path.join(tmp, f"state-{fsync}.json")
-        fns = {"raw": lambda: _raw_replace(path, STATE, fsync),
-               "pure": lambda: _atomic_py.atomic_write(path, STATE, 0o600, fsync)}
+        fns = {"raw": functools.partial(_raw_replace, path, STATE, fsync),
+               "pure": functools.partial(_atomic_py.atomic_write, path, STATE, 0o600, fsync)}
         if _atomic_c is not None:
-            fns["compiled"] = lambda: _atomic_c.atomic_write(path, STATE, 0o600, fsync)
+            fns["compiled"] = functools.partial(_atomic_c.atomic_write, path, STATE, 0o600, fsync)
         res = _interleaved(fns, rounds=rounds, inner=inner)
         label = "fsync" if fsync else "no fsync"
         pair(f"atomic_write compiled / raw ({label})", res, "compiled", "raw")

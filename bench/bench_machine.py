@@ -2,9 +2,10 @@
 
 A transition (one tick in mock mode) journals its events and replaces state.json. Its floor, measured
 in the same run, is exactly that I/O done by hand: one os.write of the transition's journal lines
-(the same bytes the machine wrote) to an O_APPEND fd, then a tmp-file write + rename of a state.json of the same size;
-with fsync, the journal's fdatasync between the two (the journal alone makes a transition durable:
-state.json is not synced). Targets: at most 1.5x the floor and well under 1 ms per transition.
+(the same bytes the machine wrote) to an O_APPEND fd, then a tmp-file write + rename of a
+state.json of the same size; with fsync, the journal's fdatasync between the two (the journal
+alone makes a transition durable: state.json is not synced). Targets: at most 1.5x the floor and
+well under 1 ms per transition.
 
 The peer project's test drives `Core.tick(1)` -- a fresh lock, check of the run's files and status
 view per call -- 100 mock rounds: its average per tick is printed against the same floor (fsync on,

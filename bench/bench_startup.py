@@ -35,7 +35,8 @@ DONE_RUN = os.path.join(_SCRATCH, "done")  # a completed mock run: a tick there 
 COMMANDS = {
     "python -c pass (floor)": [sys.executable, "-c", "pass"],
     "python -m heidi version": [sys.executable, "-m", "heidi", "version"],
-    "python -m heidi status": [sys.executable, "-m", "heidi", "status", "--out-dir", "/nonexistent-heidi-bench"],
+    "python -m heidi status": [sys.executable, "-m", "heidi", "status",
+                               "--out-dir", "/nonexistent-heidi-bench"],
     "python -m heidi status (a run)": [sys.executable, "-m", "heidi", "status", "--out-dir", DONE_RUN],
     "python -m heidi tick (nothing to do)": [sys.executable, "-m", "heidi", "tick", "--out-dir", DONE_RUN],
     "frozen onefile: heidi version": [ONEFILE, "version"],
@@ -90,7 +91,8 @@ def _report():
         ratio = f"  {value / floor:.2f}x the bare interpreter" if floor else ""
         layout = name.split(":")[0].split()[-1]
         target = TARGETS.get(layout) if not name.startswith("python") else None
-        verdict = f"  (target < {target * 1000:.0f} ms: {'met' if value < target else 'NOT MET'})" if target else ""
+        verdict = (f"  (target < {target * 1000:.0f} ms: {'met' if value < target else 'NOT MET'})"
+                   if target else "")
         most = RATIO_TARGETS.get(name)
         if most and floor:
             verdict = f"  (target <= {most:.0f}x: {'met' if value / floor <= most else 'NOT MET'})"

@@ -123,7 +123,7 @@ def _write_report(reporter, interleaved: dict[str, float]) -> None:
               f"{ratio:5.2f}x ({ratio_min:4.2f}x)")
     if interleaved:
         base = interleaved["bare"]
-        write("the same, taken in turn (the target, < %.2fx, is judged here):" % TARGET_OVERHEAD)
+        write(f"the same, taken in turn (the target, < {TARGET_OVERHEAD:.2f}x, is judged here):")
         for name, median in interleaved.items():
             ratio = median / base
             verdict = ""

@@ -104,7 +104,8 @@ def _openai(url: str) -> None:
 def test_http_collector(benchmark, server_url, client):
     if client == "openai":
         pytest.importorskip("openai", reason="the openai SDK is a bench-only extra: pip install heidi[bench]")
-    benchmark.group = f"teacher: {HTTP_REQUESTS} HTTP requests, concurrency {HTTP_CONCURRENCY}, {HTTP_LATENCY_MS} ms"
+    benchmark.group = (f"teacher: {HTTP_REQUESTS} HTTP requests, concurrency {HTTP_CONCURRENCY}, "
+                       f"{HTTP_LATENCY_MS} ms")
     run = _heidi if client == "heidi" else _openai
     benchmark.pedantic(run, args=(server_url,), rounds=2, iterations=1, warmup_rounds=1)
     median = _median(benchmark)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 if TYPE_CHECKING:
     import argparse
@@ -25,7 +25,7 @@ from .errors import EXIT_FAILED, EXIT_LOCKED, EXIT_OK, EXIT_USAGE, HeidiError, R
 class _LazyCore:
     """heidi.core (and with it the config and the machine) loads only for commands that use it."""
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         from . import core as module
         return getattr(module, name)
 
@@ -44,7 +44,7 @@ def _fast_parse(argv: Sequence[str]) -> SimpleNamespace | None:
     if not argv or argv[0] not in _FAST:
         return None
     flags = _FAST[argv[0]]
-    values = {name: default for name, default in flags.items()}
+    values = dict(flags)
     i = 1
     while i < len(argv):
         arg = argv[i]
@@ -264,7 +264,7 @@ def cmd_redact(args: argparse.Namespace) -> int:
 def cmd_version(args: argparse.Namespace) -> int:
     _pure_twins_notice()
     from ._fast import implementations, no_extensions
-    info = {"version": __version__, "python": sys.version.split()[0],
+    info: dict[str, Any] = {"version": __version__, "python": sys.version.split()[0],
             "frozen": bool(getattr(sys, "frozen", False)), "no_extensions": no_extensions()}
     if args.verbose or args.json:
         from ._fast.supervise import containment

@@ -12,7 +12,7 @@ _last: list = [None, "", None, ""]  # (second, its text, ms, its text): events c
 
 def format_ts(epoch_s: float) -> str:
     """UTC ISO-8601 with milliseconds and Z, as the journal's `ts`: 2026-02-20T07:45:38.307Z."""
-    total_ms = int(round(epoch_s * 1000))
+    total_ms = round(epoch_s * 1000)
     cache = _last
     if cache[2] == total_ms:
         return cache[3]
@@ -30,11 +30,11 @@ def parse_ts(text: str) -> float:
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
-    from datetime import datetime, timezone  # here: most commands never parse a time
+    from datetime import UTC, datetime  # here: most commands never parse a time
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    if parsed.utcoffset() != timezone.utc.utcoffset(None):
+        parsed = parsed.replace(tzinfo=UTC)
+    if parsed.utcoffset() != UTC.utcoffset(None):
         raise ValueError("not UTC")
     return parsed.timestamp()
 

@@ -25,7 +25,7 @@ _FALSE = ("0", "false", "no", "off", "")
 def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
     def parse(name: str, raw: Any) -> int:
         try:
-            if isinstance(raw, bool) or isinstance(raw, float):
+            if isinstance(raw, (bool, float)):
                 raise ValueError
             value = int(str(raw).strip(), 10)
         except ValueError:

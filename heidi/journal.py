@@ -478,7 +478,8 @@ def read_events(path: str) -> Iterable[dict]:
             yield event
 
 
-def verify_journal(path: str, expected_head: tuple[int, str] | None = None) -> tuple[int, str | None, str | None]:
+def verify_journal(path: str, expected_head: tuple[int, str] | None = None
+                   ) -> tuple[int, str | None, str | None]:
     """Strict read of a whole journal: (events, head hash, run id) or JournalError.
 
     expected_head (events, hash) from state.json detects a journal cut back to an earlier line.

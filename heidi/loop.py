@@ -229,7 +229,8 @@ def _fold_usage(state: dict[str, Any], stage: str | None, delta: dict[str, Any])
 
 def _add(total: dict, delta: dict) -> None:
     for key, value in delta.items():
-        total[key] = round(total.get(key, 0) + value, 6) if isinstance(value, float) else total.get(key, 0) + value
+        summed = total.get(key, 0) + value
+        total[key] = round(summed, 6) if isinstance(value, float) else summed
 
 
 def _continue_point(state: dict[str, Any]) -> dict[str, Any]:

@@ -90,9 +90,7 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError, IndexError):
-        return None
-    if when is None:
-        return None
+        return None  # (3.10+ raises where older Pythons returned None)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 

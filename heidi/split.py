@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from heidi._fast.atomic import fsync_dir
 from heidi.waiting import with_path
@@ -25,7 +25,7 @@ def val_count(n: int, val_ratio: float) -> int:
     return min(max(round(n * val_ratio), 1), n - 1)
 
 
-def _data_lines(fh: BinaryIO):
+def _data_lines(fh: BinaryIO) -> Iterator[bytes]:
     for line in fh:
         if line.strip():
             yield line if line.endswith(b"\n") else line + b"\n"
@@ -42,7 +42,7 @@ class _AtomicOutput:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
         os.fchmod(fd, mode)  # the umask may have cleared bits we asked for
         self.committed = False
-        self.fh = open(fd, "wb", buffering=_BUFFER)  # noqa: SIM115 - closed by commit/discard
+        self.fh = open(fd, "wb", buffering=_BUFFER)  # closed by commit/discard
 
     def commit(self) -> None:
         try:

@@ -134,7 +134,7 @@ class StageLog:
     def __enter__(self) -> StageLog:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def tail(self, max_chars: int) -> str:

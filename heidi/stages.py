@@ -3,6 +3,7 @@ FINALIZING split, supervision with a redacted log, and the usage sampled from /p
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shlex
 import sys
@@ -258,7 +259,8 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
     after = sampler.sample()
     wall_s = max(result.wall_ms / 1000.0, 1e-6)
     usage = {
-        "memory_mb_delta": round((sampler.mem_available_kb(before) - sampler.mem_available_kb(after)) / 1024.0, 3),
+        "memory_mb_delta": round(
+            (sampler.mem_available_kb(before) - sampler.mem_available_kb(after)) / 1024.0, 3),
         "cpu_pct": round(100.0 * (result.cpu_user_s + result.cpu_sys_s) / wall_s, 2),
         "system_mem_available_kb_delta": sampler.mem_available_kb(after) - sampler.mem_available_kb(before),
         "system_cpu_pct": round(sampler.system_cpu_pct(before, after), 2),
@@ -286,7 +288,7 @@ def _run_stage(ctx: StageContext, stage: str, round_: int, sampler: Any) -> Stag
 def _outputs(argv: list[str], out_dir: str) -> list[str]:
     """The paths a stage was asked to write (the argument after --output)."""
     paths = []
-    for flag, value in zip(argv, argv[1:]):
+    for flag, value in itertools.pairwise(argv):
         if flag == "--output":
             paths.append(value if os.path.isabs(value) else os.path.join(out_dir, value))
     return paths

@@ -5,6 +5,7 @@ and the round. Each task also knows a reference answer, which the mock teacher g
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 KINDS = ("completion", "bugfix", "refactor")
@@ -117,6 +118,6 @@ class MockTeacher:
             code = f'API_TOKEN = "{"ghp_" + "x" * 36}"\n\n{code}'
         self.answers[user_content(task.instruction, task.input)] = _fence(code)
 
-    def __call__(self, messages) -> str | None:
+    def __call__(self, messages: Sequence[Mapping[str, str]]) -> str | None:
         last = next((m.get("content", "") for m in reversed(messages) if m.get("role") == "user"), "")
         return self.answers.get(last)

@@ -97,14 +97,12 @@ def status(core: heidi.Core) -> dict:
 def ticks_until_done(core: heidi.Core, limit: int = 10_000) -> int:
     """Tick one transition at a time until nothing moves; returns the number of ticks that moved."""
     cfg = core.config
-    moved = 0
-    for _ in range(limit):
+    for moved in range(limit):
         before = read_state(cfg.state_path)["journal"]["events"]
         view = orjson.loads(core.tick())
         after = read_state(cfg.state_path)["journal"]["events"]
         if after == before:
             return moved
-        moved += 1
         assert view["state"] != "ERROR"
     raise AssertionError("the run never settled")
 

@@ -174,7 +174,7 @@ def test_limits_are_the_ones_chain_types_states(fast_impl):
              ("stage", t.MAX_NAME_CHARS, lambda n: "s" * n),
              ("event_type", t.MAX_NAME_CHARS, lambda n: "t" * n))
     for key, limit, value in cases:
-        def event(n):
+        def event(n, key=key, value=value):
             fields = {key: value(n)}
             if key == "run_id":
                 fields["prev_hash"] = fields["run_id"]

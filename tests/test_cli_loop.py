@@ -87,7 +87,7 @@ def test_full_mode_start_then_ticks(heidi):
     assert proc.returncode == 0 and proc.stderr == ""
     assert one_line(proc.stdout).startswith("started run run_")
     view = heidi.status()
-    assert STATUS_KEYS <= set(view)
+    assert set(view) >= STATUS_KEYS
     assert {k: view[k] for k in STATUS_KEYS - {"run_id"}} == {
         "state": "COLLECTING", "round": 1, "mode": "full", "status": "running", "stage": "generate",
         "paused": False}
@@ -101,7 +101,8 @@ def test_full_mode_start_then_ticks(heidi):
             break
     assert path == [(1, "VALIDATING"), (1, "FINALIZING"), (1, "EVALUATING"), (2, "COLLECTING"),
                     (2, "VALIDATING"), (2, "FINALIZING"), (2, "EVALUATING"), (2, "IDLE")]
-    assert (view["run_id"], view["status"], view["paused"], view["stage"]) == (run_id, "completed", False, None)
+    assert (view["run_id"], view["status"], view["paused"], view["stage"]) == (
+        run_id, "completed", False, None)
     assert heidi.kinds() == expected_full(2)
     heidi.verify()
     heidi.tick_silently()  # a completed run: tick does nothing, silently
@@ -125,7 +126,8 @@ def test_collect_mode_and_train_now(heidi):
         heidi.tick_silently()
         heidi.tick_silently()
         view = heidi.status()
-        assert (view["state"], view["status"], view["round"], view["mode"]) == ("IDLE", "idle", round_, "collect")
+        assert (view["state"], view["status"], view["round"], view["mode"]) == (
+            "IDLE", "idle", round_, "collect")
         before = heidi.kinds()
         heidi.tick_silently()  # waiting for train-now: nothing happens
         assert heidi.kinds() == before

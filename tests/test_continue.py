@@ -62,7 +62,9 @@ def test_continue_after_an_error_runs_the_failed_stage_again(tmp_path, stage):
 def test_continue_after_a_stop_mid_stage_and_while_waiting(tmp_path):
     cfg = make_config(tmp_path, ROUNDS=1, HEIDI_MODE="collect")
 
-    def stopped_once(ctx, stage, round_, seen=[]):
+    seen: list[int] = []
+
+    def stopped_once(ctx, stage, round_):
         if stage == "validate" and not seen:
             seen.append(1)
             control.request(ctx.config.control_dir, "stop")

@@ -35,7 +35,8 @@ def daemon_env(**extra: str) -> dict[str, str]:
     return {k: v for k, v in env.items() if v is not None}
 
 
-def heidi(args: list[str], env: dict[str, str], cwd: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+def heidi(args: list[str], env: dict[str, str], cwd: str,
+          timeout: float = 20.0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "heidi", *args], env=env, cwd=cwd, timeout=timeout,
                           capture_output=True, text=True)
 
@@ -151,7 +152,8 @@ class Daemon:
 def start_daemon(tmp_path):
     started: list[Daemon] = []
 
-    def start(env: dict[str, str] | None = None, *extra: str, out: str = "out", listen: bool = True) -> Daemon:
+    def start(env: dict[str, str] | None = None, *extra: str, out: str = "out",
+              listen: bool = True) -> Daemon:
         d = Daemon(tmp_path, env or daemon_env(), *extra, out=out)
         started.append(d)
         if listen:

@@ -21,7 +21,7 @@ import pytest
 from heidi.config import Config
 from heidi.errors import ConfigError
 from helpers_loop import REPO
-from test_daemon import TOKEN, Daemon, daemon_env, get_json, heidi, request, wait_for
+from test_daemon import TOKEN, Daemon, daemon_env, get_json, heidi, request
 
 FLOOD = 1100
 

@@ -2,7 +2,6 @@
 two-round run through the real CLI with real subprocesses."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import stat

@@ -266,7 +266,8 @@ def test_bad_counters_file_is_a_warning_not_a_crash(tmp_path):
               "open(os.environ['HEIDI_COUNTERS_FILE'], 'w').write(json.dumps({'ok': 1, 'bad': 'text'})); "
               "sys.exit(rc)")
     text = toml.read_text().replace('command = ["{heidi}", "generate",',
-                                    f'command = ["{{python}}", "-c", "{writer}", "{{python}}", "-m", "heidi", "generate",')
+                                    f'command = ["{{python}}", "-c", "{writer}", "{{python}}", '
+                                    '"-m", "heidi", "generate",')
     toml.write_text(text)
     run = subprocess.run([sys.executable, "-m", "heidi", "run"], env=env, cwd=demo,
                          capture_output=True, text=True, timeout=300)

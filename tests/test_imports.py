@@ -231,7 +231,7 @@ def test_version_verbose_lists_every_fast_module_compiled():
 
 def test_version_verbose_pure_python_when_disabled():
     kinds = _version_verbose(HEIDI_NO_EXTENSIONS="1")
-    assert kinds == {name: "pure-python" for name in _selectors()}
+    assert kinds == dict.fromkeys(_selectors(), "pure-python")
 
 
 def test_version_json_modules():

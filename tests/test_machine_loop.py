@@ -152,7 +152,8 @@ def test_hundred_rounds_mock(tmp_path):
     kinds = types(core.config)
     assert kinds.count("pipeline_complete") == 1 and kinds[-1] == "pipeline_complete"
     assert kinds == expected_full(100)
-    assert [e["round"] for e in events(core.config) if e["event_type"] == "round_start"] == list(range(1, 101))
+    rounds = [e["round"] for e in events(core.config) if e["event_type"] == "round_start"]
+    assert rounds == list(range(1, 101))
     state = check_run(core.config)
     assert state["journal"]["events"] == len(kinds) == 2 + 100 * 13
 
@@ -163,7 +164,7 @@ def _drive_to(machine: Machine, target: str, round_: int) -> None:
     """Tick successful stages (train-now in collect IDLE) until the machine is in target/round."""
     for _ in range(200):
         state = machine.state
-        if state["state"] == target and state["current_round"] == round_ and state["stage_status"] == "pending":
+        if (state["state"], state["current_round"], state["stage_status"]) == (target, round_, "pending"):
             return
         if state["state"] == "IDLE" and state["status"] == "idle":
             machine.act("train_now")
@@ -239,7 +240,8 @@ def test_failing_stage_is_fail_closed(tmp_path, stage):
     evs = events(cfg)
     err = evs[-1]
     assert err["event_type"] == "pipeline_error"
-    assert (err["level"], err["stage"], err["round"], err["error"]) == ("error", stage, 1, "exited with code 3")
+    assert (err["level"], err["stage"], err["round"], err["error"]) == (
+        "error", stage, 1, "exited with code 3")
     assert "ValueError: bad sample in row 7" in err["message"]
     assert secret not in open(cfg.journal_path, encoding="utf-8").read()  # redacted before writing
     assert secret not in open(cfg.state_path, encoding="utf-8").read()

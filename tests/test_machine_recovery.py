@@ -276,7 +276,8 @@ def test_holder_killed_mid_stage_in_another_process(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
     assert proc.returncode == 9, proc.stderr
     state = read_state(cfg.state_path)
-    assert (state["state"], state["stage_status"], state["current_stage"]) == ("FINALIZING", "running", "train")
+    assert (state["state"], state["stage_status"], state["current_stage"]) == (
+        "FINALIZING", "running", "train")
     core = heidi.Core()
     core.config = cfg
     view = orjson.loads(core.tick())

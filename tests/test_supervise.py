@@ -3,6 +3,7 @@ and above all that no process of a stage survives a timeout, a callback error, o
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import resource
 import signal
@@ -426,7 +427,7 @@ def test_should_stop(fast_impl):
                                               check_interval_s=0.05, grace_s=1)
     assert r.stopped and not r.timed_out and r.describe() == "stopped"
     assert len(calls) == 3 and time.monotonic() - t0 < 1.5
-    assert all(b - a >= 0.045 for a, b in zip(calls, calls[1:]))
+    assert all(b - a >= 0.045 for a, b in itertools.pairwise(calls))
 
 
 @pytest.mark.parametrize("where", ["on_output", "should_stop"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -87,7 +87,8 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
         return "artifact_paths is not an array"
     for path in paths:
         if type(path) is not str or len(path) > MAX_ARTIFACT_CHARS:
-            return f"artifact_paths has an entry that is not a string of at most {MAX_ARTIFACT_CHARS} characters"
+            return ("artifact_paths has an entry that is not a string of at most "
+                    f"{MAX_ARTIFACT_CHARS} characters")
     err = obj["error"]
     if err is not None and (type(err) is not str or len(err) > MAX_ERROR_CHARS):
         return f"error is not null or a string of at most {MAX_ERROR_CHARS} characters"
@@ -105,8 +106,9 @@ def check_event(obj: object, expected_prev: str | None, run_id: str | None) -> s
     return None
 
 
-def parse_line(line: bytes) -> tuple[object, str | None]:
-    """(parsed object, None) or (None, reason) for one line including its newline."""
+def parse_line(line: bytes) -> tuple[Any, str | None]:
+    """(parsed object, None) or (None, reason) for one line including its newline (Any: a JSON
+    value, a dict once check_event accepted it)."""
     if len(line) > MAX_LINE_BYTES:
         return None, f"line longer than {MAX_LINE_BYTES} bytes"
     if not line.endswith(b"\n"):
@@ -132,7 +134,7 @@ def check_line(line: bytes, expected_prev: str | None, run_id: str | None = None
         reason = check_event(obj, expected_prev, run_id)
     if reason is not None:
         raise ValueError(reason)
-    return obj  # type: ignore[return-value]
+    return obj
 
 
 def verify_stream(stream: BinaryIO, line_no: int = 0, prev_hash: str | None = None,

@@ -60,9 +60,9 @@ def parse_meminfo(data: bytes) -> dict[str, int]:
         if not parts or not parts[0].isdigit() or len(parts[0]) > _MAX_DIGITS:
             raise ValueError(f"/proc/meminfo: bad value for {key.decode('latin-1')}")
         info[key.decode("latin-1")] = int(parts[0])
-    for key in ("MemTotal", "MemAvailable"):
-        if key not in info:
-            raise ValueError(f"/proc/meminfo: {key} missing")
+    for name in ("MemTotal", "MemAvailable"):
+        if name not in info:
+            raise ValueError(f"/proc/meminfo: {name} missing")
     return info
 
 
@@ -140,7 +140,7 @@ class Sampler:
     def __enter__(self) -> Sampler:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -87,11 +87,11 @@ def _forget_token_prefix() -> None:
 os.register_at_fork(after_in_child=_forget_token_prefix)
 
 
-def _strerror(number: int) -> str:
+def _strerror(number: int | None) -> str:
     return os.strerror(number) if number else "unknown error"
 
 
-def check_args(timeout_s, grace_s, check_interval_s) -> None:
+def check_args(timeout_s: float | None, grace_s: float, check_interval_s: float) -> None:
     if timeout_s is not None and not timeout_s >= 0:
         raise ValueError(f"timeout_s must be None or >= 0, got {timeout_s!r}")
     if not grace_s >= 0:
@@ -140,7 +140,7 @@ def _resolve(name: bytes, env: Mapping[bytes, bytes], cwd: bytes | None) -> tupl
             # ENOENT/ENOTDIR: try the next entry; anything else (EACCES...) is the one worth
             # reporting if nothing works.
             if exc.errno not in (_errno.ENOENT, _errno.ENOTDIR) and not saved:
-                saved = exc.errno
+                saved = exc.errno or 0
             continue
         if stat.S_ISREG(st.st_mode) and os.access(probe, os.X_OK):
             return path, 0
@@ -265,12 +265,11 @@ class Stage:
         self.env = _encode_env(env)
         self.token = token = _new_token()
         self.env[_TOKEN_KEY] = token.encode()
+        self.cwd: bytes | None = None
         if cwd is not None:
             self.cwd = os.fsencode(os.path.abspath(cwd))
             if b"\0" in self.cwd:
                 raise ValueError("cwd contains a NUL byte")
-        else:
-            self.cwd = None
         self.rlimits = [(int(res), int(soft), int(hard))
                         for res, (soft, hard) in rlimits.items()] if rlimits else None
         self.grace_s = float(grace_s)
@@ -391,7 +390,7 @@ class Stage:
         except OSError as exc:
             if exc.filename == CGROUP_PROCS:
                 self.error = CGROUP_PROCS
-            elif exc.filename is not None:  # the chdir failed
+            elif exc.filename is not None and self.cwd is not None:  # the chdir failed
                 self.error = (f"cannot change directory to {os.fsdecode(self.cwd)!r}: "
                               f"{_strerror(exc.errno)}")
             else:
@@ -546,15 +545,18 @@ class Stage:
             self.wake_at = min(limit, now + self.backoff)
 
     def _reap(self) -> None:
+        main = self.pid
+        assert main is not None  # only a spawned stage is reaped
+        status: int | None
         while True:
             try:
-                pid, status, ru = os.wait4(self.pid, os.WNOHANG)
+                pid, status, ru = os.wait4(main, os.WNOHANG)
             except InterruptedError:
                 continue
             except ChildProcessError:
                 # Reaped by someone else (SIGCHLD ignored, a waitpid(-1) elsewhere): the status
                 # is lost, but the process is gone.
-                pid, status, ru = self.pid, None, None
+                pid, status, ru = main, None, None
             break
         if pid != 0:
             self._reaped(status, None if ru is None else (ru.ru_maxrss, ru.ru_utime, ru.ru_stime))
@@ -568,6 +570,7 @@ class Stage:
     def _others(self) -> tuple[set[int], bool]:
         """The other running stages' main pids (with the watchdog's), and whether this stage is
         the only one."""
+        assert self.registry is not None  # set with the slot, before the spawn
         others = self.registry.others(self)
         skip = {s.pid for s in others if s.pid is not None and not s.reaped}
         watchdog = _wd.current_watchdog()
@@ -575,7 +578,7 @@ class Stage:
             skip.add(watchdog)
         return skip, not others
 
-    def _adopted_is_ours(self, pid: int, info, alone: bool) -> bool:
+    def _adopted_is_ours(self, pid: int, info: tuple[bytes, int, int, int, int], alone: bool) -> bool:
         state, _, pgid, sid, tick = info
         if self.pid in (pgid, sid) or (alone and tick >= self.tick):
             return True
@@ -617,7 +620,7 @@ class Stage:
         skip, alone = self._others()
         skip.add(me)
         subreaper = self.subreaper
-        roots = [] if self.reaped else [main]
+        roots = [] if self.reaped or main is None else [main]
         for pid, info in procs.items():
             if pid == main or pid in skip:
                 continue
@@ -646,7 +649,7 @@ class Stage:
         if sig == signal.SIGKILL and self.cgroup is not None:
             self.cgroup.kill()  # everything in it, whatever it did to its session or env
         group = not self.reaped  # the group id is the stage's only while the main is unreaped
-        if group:
+        if group and self.pid is not None:
             try:
                 os.killpg(self.pid, sig)
             except OSError:
@@ -715,6 +718,7 @@ class Stage:
 
     def _release(self) -> None:
         if self.slot >= 0:
+            assert self.registry is not None  # set with the slot
             self.registry.release(self.slot)
             self.slot = -1
 

@@ -161,7 +161,7 @@ def run_supervised(argv: Sequence[str], *, cwd: str | None = None,
             if now >= deadline:
                 timed_out = True
                 stage.terminate(now)
-            elif now >= next_check:
+            elif now >= next_check and should_stop is not None:  # (next_check is inf without it)
                 next_check = now + check_interval_s
                 if should_stop():
                     stopped = True

@@ -72,7 +72,7 @@ class StageResult:
 _FIELDS = tuple(StageResult.__dataclass_fields__)
 
 
-def make_result(*values) -> StageResult:
+def make_result(*values: object) -> StageResult:
     """StageResult(*values) without the frozen dataclass's per-field object.__setattr__ calls
     (a supervisor builds one per stage, right after the stage ends)."""
     result = object.__new__(StageResult)

@@ -39,11 +39,13 @@ import signal
 import struct
 import threading
 import time
+from collections.abc import Container, Iterable
+from typing import Protocol
 
 from . import _supervise_cgroup as _cg
 
-__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started", "has_token",
-           "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
+__all__ = ("TOKEN_ENV", "GIVE_UP_S", "SIGNALS_TO_DEFAULT", "SLOTS", "descendants", "ensure_started",
+           "has_token", "proc_stat", "registry", "scan_procs", "shutdown", "start_tick", "subreaper",
            "token_needle", "watchdog_pid")
 
 TOKEN_ENV = "HEIDI_STAGE_TOKEN"
@@ -172,7 +174,7 @@ def has_token(pid: int, needle: bytes) -> bool:
     return env is not None and needle in env
 
 
-def descendants(procs: dict, roots, skip=frozenset()) -> list[int]:
+def descendants(procs: dict, roots: Iterable[int], skip: Container[int] = frozenset()) -> list[int]:
     """The roots and every process below them, not entering the subtrees of skip."""
     children: dict[int, list[int]] = collections.defaultdict(list)
     for pid, info in procs.items():
@@ -198,6 +200,14 @@ def children_of(pid: int) -> list[int] | None:
 
 # ---- the registry ---------------------------------------------------------------------------------
 
+class StageSlot(Protocol):
+    """What the registry keeps of a stage: its main pid (None before the spawn) and whether
+    it was reaped."""
+
+    pid: int | None
+    reaped: bool
+
+
 class Registry:
     """The running stages of this process: Python objects for heidi, and the shared page W reads
     (see the comment at the top)."""
@@ -206,10 +216,10 @@ class Registry:
         self.page = mmap.mmap(-1, _FAST_UNTIL_AT + 8)  # MAP_SHARED | MAP_ANONYMOUS
         self.parent = ""
         self.lock = threading.Lock()
-        self.stages: list[object | None] = [None] * SLOTS
+        self.stages: list[StageSlot | None] = [None] * SLOTS
         self.free = list(range(SLOTS - 1, -1, -1))  # lowest slot first
 
-    def acquire(self, stage: object, token: str, cgroup_parent: str | None = None) -> int:
+    def acquire(self, stage: StageSlot, token: str, cgroup_parent: str | None = None) -> int:
         """A slot for a stage about to be spawned, or -1 when all are taken. cgroup_parent:
         the stage gets a cgroup there (W kills it if heidi dies)."""
         in_cgroup = 0
@@ -249,7 +259,7 @@ class Registry:
             self.stages[slot] = None
             self.free.append(slot)
 
-    def others(self, stage: object) -> list[object]:
+    def others(self, stage: StageSlot) -> list[StageSlot]:
         # One stage or none: read without the lock (a stage starting now is not one of ours).
         if len(self.free) >= SLOTS - 1:
             return []
@@ -325,9 +335,8 @@ class _Sentinel:
             poller.register(self.lifeline, select.POLLIN)
             wait_ms = int(SNAPSHOT_S * 1000)
             while True:
-                if poller.poll(wait_ms):
-                    if not os.read(self.lifeline, 4096):
-                        break  # heidi is gone (lifeline EOF); otherwise: wake() from heidi
+                if poller.poll(wait_ms) and not os.read(self.lifeline, 4096):
+                    break  # heidi is gone (lifeline EOF); a byte read is a wake() from heidi
                 if os.getppid() != self.heidi:
                     break  # heidi is gone and the lifeline somehow was not closed
                 wait_ms = int(self._snapshot() * 1000)
@@ -438,7 +447,7 @@ class _Client:
             except OSError:
                 pass
 
-    def _start(self) -> None:
+    def _start(self) -> Registry:
         if self.registry is None:
             self.registry = Registry()
         if not self.subreaper and _prctl is not None:
@@ -464,21 +473,22 @@ class _Client:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(read_end)
         self.lifeline, self.pid, self.owner = write_end, pid, parent_pid
+        return registry
 
     def ensure(self) -> Registry:
         with self.lock:
             if self.owner is not None and self.owner != os.getpid():
                 self._reset()  # forked without the at-fork hook (a fork from C code)
+            registry = self.registry  # set whenever pid is
             if self.pid is not None:
                 try:
-                    if os.waitpid(self.pid, os.WNOHANG)[0] == 0:
-                        return self.registry  # alive
+                    if os.waitpid(self.pid, os.WNOHANG)[0] == 0 and registry is not None:
+                        return registry  # alive
                 except ChildProcessError:
                     pass  # reaped by someone else: dead too
                 os.close(self.lifeline)
                 self.lifeline, self.pid = -1, None
-            self._start()
-            return self.registry
+            return self._start()
 
     def shutdown(self, timeout_s: float = 5.0) -> None:
         # Bounded: at exit, a thread holding the lock must not keep heidi alive.
@@ -535,10 +545,11 @@ def wake(tick: int) -> None:
 def registry() -> Registry:
     """The registry of this process's stages, with a live watchdog reading it."""
     client = _client
+    known = client.registry  # set whenever pid is
     if client.pid is not None and client.owner == os.getpid():
         try:
-            if os.waitpid(client.pid, os.WNOHANG)[0] == 0:
-                return client.registry  # W is alive: the common case, without the lock
+            if os.waitpid(client.pid, os.WNOHANG)[0] == 0 and known is not None:
+                return known  # W is alive: the common case, without the lock
         except ChildProcessError:
             pass
     return client.ensure()

@@ -6,8 +6,9 @@ into on_output, only fds 0-2, env as given plus HEIDI_STAGE_TOKEN); timeout or s
 SIGTERM to all of its processes, SIGKILL grace_s later; it never outlives heidi, even a SIGKILLed
 heidi (see `_supervise_watchdog`): the calling process becomes a child subreaper and keeps a
 watchdog process; where it can create cgroup v2 children, each stage runs in its own, killed
-whole at its end (see `_supervise_cgroup`; containment() says which is in use). A command that cannot start gives result.spawn_error; an exception from a
-callback terminates the stage, then propagates. Which processes count as a stage's:
+whole at its end (see `_supervise_cgroup`; containment() says which is in use). A command that
+cannot start gives result.spawn_error; an exception from a callback terminates the stage, then
+propagates. Which processes count as a stage's:
 `_supervise_core`.
 """
 from __future__ import annotations
@@ -32,6 +33,6 @@ else:
         from ._supervise_py import StageResult, run_supervised
         COMPILED = False
 
-from ._supervise_cgroup import containment, running_containment  # noqa: E402
-from ._supervise_watchdog import ensure_started as ensure_watchdog  # noqa: E402
-from ._supervise_watchdog import watchdog_pid  # noqa: E402
+from ._supervise_cgroup import containment, running_containment
+from ._supervise_watchdog import ensure_started as ensure_watchdog
+from ._supervise_watchdog import watchdog_pid

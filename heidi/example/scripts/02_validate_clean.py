@@ -59,7 +59,7 @@ def main(argv=None):
 
     dropped = dict.fromkeys(REASONS, 0)
     kept = []
-    seen = set()
+    seen: set[str] = set()
     total = 0
     with open(args.input, encoding="utf-8", errors="replace") as fh:
         for line in fh:

@@ -98,9 +98,9 @@ def main(argv=None):
             lines.append(line)
             samples.append(sample)
 
-    with tempfile.TemporaryDirectory(prefix="heidi-gate-") as workdir:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            results = list(pool.map(lambda s: run_one(s, args.timeout_s, workdir), samples))
+    with tempfile.TemporaryDirectory(prefix="heidi-gate-") as workdir, \
+            ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(lambda s: run_one(s, args.timeout_s, workdir), samples))
 
     counts = {"passed": 0, "failed": 0, "timeout": 0, "untested": 0}
     kept = []

@@ -3,9 +3,9 @@
 
 A real deployment loads BASE_MODEL in 4 bits and trains a LoRA adapter (LORA_R, LR, SEQ_LEN,
 BATCH_SIZE, GRAD_ACCUM, TRAIN_STEPS) on --data, checking --val-data. This stand-in "trains" a
-unigram model of the tokens of the teacher's answers (`output`): each step moves the model from uniform towards the observed
-token frequencies, so the loss (mean negative log-likelihood per token) goes down like a real
-run's, and prints `step S/N loss X` per step.
+unigram model of the tokens of the teacher's answers (`output`): each step moves the model from
+uniform towards the observed token frequencies, so the loss (mean negative log-likelihood per
+token) goes down like a real run's, and prints `step S/N loss X` per step.
 Steps: TRAIN_STEPS, capped at 20 so the example stays fast.
 
 Contract: --data TRAIN --val-data VAL --output DIR; writes DIR/final/adapter.json and
@@ -73,16 +73,16 @@ def main(argv=None):
 
     train = read_jsonl(args.data)
     val = read_jsonl(args.val_data) if os.path.exists(args.val_data) else []
-    counts = collections.Counter(tok for sample in train for tok in tokens(sample))
-    if not train or not counts:
+    seen = collections.Counter(tok for sample in train for tok in tokens(sample))
+    if not train or not seen:
         print("train: no training data in {}".format(args.data), file=sys.stderr)
         return 1
-    counts = dict(counts.most_common(VOCAB_LIMIT))
+    counts = dict(seen.most_common(VOCAB_LIMIT))
     total = sum(counts.values())
 
     print("train: base model {}, {} train / {} val samples, {} steps".format(
         base_model, len(train), len(val), steps), flush=True)
-    weight = train_loss = None
+    weight = train_loss = 0.0  # steps >= 1: both set by the loop
     for step in range(1, steps + 1):
         # The loss is convex in weight with its minimum at 1 on the training data: it only falls.
         weight = 1.0 - 0.7 ** step
