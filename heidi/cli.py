@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     import argparse
@@ -146,7 +146,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if interval is not None:
         if not 0.1 <= interval <= 86400:
             raise _UsageExit(f"heidi status: --watch {interval:g}: seconds from 0.1 to 86400")
-        read = (lambda: core.status(cfg))
+        def read() -> dict:
+            return core.status(cfg)
         try:
             if args.json:
                 import json

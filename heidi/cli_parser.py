@@ -3,7 +3,7 @@ not parse the command): every command and option with its help, and `heidi --hel
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ._version import __version__
 
@@ -21,7 +21,7 @@ def _parser_class() -> type:
     import argparse  # ~10 ms of start-up: only for what the fast path does not parse
 
     class _Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> None:  # one line, exit 2
+        def error(self, message: str) -> NoReturn:  # one line, exit 2
             raise UsageExit(f"{self.prog}: {message}")
 
     return _Parser
@@ -30,7 +30,8 @@ def _parser_class() -> type:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", metavar="DIR", help="the run's directory (default: $OUT_DIR or "
                    "~/.local/heidi_engine)")
-    p.add_argument("--config", metavar="FILE", help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
+    p.add_argument("--config", metavar="FILE",
+                   help="heidi.toml to read (default: $HEIDI_CONFIG or ./heidi.toml)")
 
 
 EPILOG = """exit codes:
@@ -103,12 +104,15 @@ def build_parser() -> "argparse.ArgumentParser":
                    "OUT_DIR/daemon.log)")
     p = cmd("generate", "the teacher stage: ask TEACHER_PROVIDER for N samples, appended to FILE "
             "as replies arrive (a rerun skips ids already there)")
-    p.add_argument("--samples", type=int, metavar="N", help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
+    p.add_argument("--samples", type=int, metavar="N",
+                   help="samples wanted in FILE (default: $SAMPLES_PER_ROUND)")
     p.add_argument("--output", required=True, metavar="FILE", help="JSONL file to append to")
     p.add_argument("--prompts", metavar="FILE", help="JSONL with instruction (+ input) or one prompt "
                    "per line, cycled to N (default: built-in code tasks)")
-    p.add_argument("--round", type=int, metavar="R", help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
-    p.add_argument("--seed", type=int, metavar="S", help="seed of the built-in tasks and ids (default: $SEED)")
+    p.add_argument("--round", type=int, metavar="R",
+                   help="round, part of each sample id (default: $HEIDI_ROUND or 1)")
+    p.add_argument("--seed", type=int, metavar="S",
+                   help="seed of the built-in tasks and ids (default: $SEED)")
     p = cmd("doctor", "check this box for heidi: compiled modules, glibc, stage containment, free "
             "disk in OUT_DIR, the lock holder, a daemon, the open-files limit (exit 1: one line "
             "per problem)")

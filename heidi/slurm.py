@@ -143,7 +143,8 @@ def job_script(argv: list[str], cwd: str, env_file: str, res_file: str) -> str:
         f"cd {q(cwd)} || exit 98",
         shlex.join(argv),
         "__heidi_rc=$?",
-        f"{{ echo \"$__heidi_rc\"; times; }} > {q(res_file + '.tmp')} && mv -f {q(res_file + '.tmp')} {q(res_file)}",
+        f"{{ echo \"$__heidi_rc\"; times; }} > {q(res_file + '.tmp')}"
+        f" && mv -f {q(res_file + '.tmp')} {q(res_file)}",
         'exit "$__heidi_rc"',
         "",
     ])

@@ -5,6 +5,7 @@ it on stop -- and journal its end like a local stage's. Never submits one attemp
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ class _SpoolLog:
 
     def pump(self, final: bool = False) -> None:
         try:
-            fh = open(self.out, "rb")  # noqa: SIM115 -- closed by the with below
+            fh = open(self.out, "rb")
         except FileNotFoundError:
             return
         moved = False
@@ -111,7 +112,7 @@ class SlurmDriver:
 
     # -- the job's identity --------------------------------------------------------------------
     def _job(self) -> dict[str, Any]:
-        job = self.m.state.get("slurm_job") if self.m.state else None  # type: ignore[union-attr]
+        job = self.m.state.get("slurm_job") if self.m.state else None
         assert job, "no Slurm job in the state"
         return job
 
@@ -358,4 +359,4 @@ def _split_counts(cfg: Any, round_: int) -> dict[str, int]:
 def _outputs(argv: list[str], out_dir: str) -> list[str]:
     """The paths the stage was asked to write (after --output), as a local stage's artifacts."""
     return [v if os.path.isabs(v) else os.path.join(out_dir, v)
-            for flag, v in zip(argv, argv[1:]) if flag == "--output"]
+            for flag, v in itertools.pairwise(argv) if flag == "--output"]

@@ -130,7 +130,9 @@ LOG_LINE_CHARS = 500
 _LOG_TAIL_BYTES = 16 * 1024
 # ANSI escape sequences (colours, cursor moves) and other control characters a stage may print:
 # a status line is shown on terminals and in a browser, never as the stage's terminal codes.
-_ESCAPES = (r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?|[\x00-\x08\x0b-\x1f\x7f]")  # compiled on first use (re caches it)
+# compiled on first use (re caches it)
+_ESCAPES = (r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b.?"
+            r"|[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def epoch_of(ts: str | None) -> float | None:

@@ -160,8 +160,8 @@ def _start_chromium(profile: str) -> tuple[subprocess.Popen, int]:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     port_file = os.path.join(profile, "DevToolsActivePort")
-    port = wait_for(lambda: (os.path.exists(port_file) and open(port_file).read().split("\n")[0].strip()
-                             or proc.poll() is not None and "exited"), 30, "Chromium's DevTools port")
+    port = wait_for(lambda: ((os.path.exists(port_file) and open(port_file).read().split("\n")[0].strip())
+                             or (proc.poll() is not None and "exited")), 30, "Chromium's DevTools port")
     if port == "exited":
         raise AssertionError(f"chromium exited {proc.returncode}")
     return proc, int(port)

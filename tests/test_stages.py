@@ -156,7 +156,7 @@ def test_failing_stage_with_tokens_is_redacted_everywhere(pipeline):
     pipeline.toml(f"""
         [stages.validate]
         command = ["{{python}}", "-c", "import sys; print('using token {TOKEN}'); print('Authorization: Bearer abcdefghijklmnop1234'); sys.exit(3)"]
-    """)  # noqa: E501 (one-line commands)
+    """)
     res = pipeline.cli("run")
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "exited with code 3" in res.stderr
@@ -207,7 +207,7 @@ def test_timeout_kills_a_stubborn_tree(pipeline, tmp_path):
             f.write(f"{{os.getpid()}} {{child.pid}} {{escaped.pid}}\\n")
         print("stubborn and ready", flush=True)
         time.sleep(600)
-    """))  # noqa: E501 (one-line commands)
+    """))
     pipeline.toml(f"""
         [stages.generate]
         command = ["{{python}}", "{script}"]
@@ -332,7 +332,7 @@ def test_limits_are_seen_inside_the_stage(pipeline, tmp_path):
     pipeline.toml(f"""
         [stages.generate]
         command = ["{{python}}", "-c", "import json, resource; json.dump([resource.getrlimit(resource.RLIMIT_NOFILE), resource.getrlimit(resource.RLIMIT_CPU)], open({str(seen)!r}, 'w')); raise SystemExit(1)"]
-    """)  # noqa: E501 (one-line commands)
+    """)
     res = pipeline.cli("run", HEIDI_MAX_FDS="256", HEIDI_MAX_CPU_S="3600")
     assert res.returncode == 1  # the stage exits 1 on purpose, after recording its limits
     nofile, cpu = orjson.loads(seen.read_bytes())
@@ -345,7 +345,7 @@ def test_child_environment(pipeline, tmp_path):
         [stages.generate]
         command = ["{{python}}", "-c", "import json, os; json.dump(dict(os.environ), open({str(seen)!r}, 'w')); raise SystemExit(1)"]
         env = {{ EXTRA_SETTING = "yes" }}
-    """)  # noqa: E501 (one-line commands)
+    """)
     pipeline.cli("run", MY_API_KEY="stage-needs-this-key")
     env = orjson.loads(seen.read_bytes())
     assert env["MY_API_KEY"] == "stage-needs-this-key"  # the user's environment reaches stages
@@ -423,7 +423,7 @@ def test_a_secret_given_only_to_the_stage_is_kept_out_of_its_log(pipeline):
         [stages.generate]
         command = ["{{python}}", "-c", "import os; print('key is', os.environ['MY_SERVICE_TOKEN']); raise SystemExit(2)"]
         env = {{ MY_SERVICE_TOKEN = "{secret}" }}
-    """)  # noqa: E501 (one-line commands)
+    """)
     res = pipeline.cli("run")
     assert res.returncode == 1
     log = (pipeline.out_dir / "logs" / "round_1" / "generate.log").read_text()

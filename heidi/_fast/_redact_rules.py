@@ -208,7 +208,7 @@ class EnvSecrets(NamedTuple):
     gates: tuple[str, ...]
 
 
-def secret_env_values(env: Mapping[str, str]) -> tuple[str, ...]:
+def secret_env_values(env: Mapping[str, object]) -> tuple[str, ...]:
     """The values of `env` whose names look secret (see ENV_SECRET_NAME_PATTERN), longest first."""
     values = set()
     for name, value in env.items():

@@ -74,8 +74,8 @@ class Auth:
                 given = ""
             if given:
                 return "query" if self._matches(given) else None
-        value = cookie_value(cookie, COOKIE)
-        if value is not None and self._matches(value):
+        from_cookie = cookie_value(cookie, COOKIE)
+        if from_cookie is not None and self._matches(from_cookie):
             return "cookie"
         return None
 

@@ -17,7 +17,8 @@ _CPU_MODES = {"cpu_user_s": "user", "cpu_sys_s": "system"}
 
 def _metric_name(key: str) -> tuple[str, float]:
     """(name part with its unit, factor to the base unit) of a usage key: peak_rss_kb ->
-    ("peak_rss_bytes", 1024.0), system_mem_available_kb_delta -> ("system_mem_available_delta_bytes", 1024.0)."""
+    ("peak_rss_bytes", 1024.0), system_mem_available_kb_delta ->
+    ("system_mem_available_delta_bytes", 1024.0)."""
     base, delta = (key[:-6], "_delta") if key.endswith("_delta") else (key, "")
     for suffix, unit, factor in _SCALE:
         if base.endswith(suffix):
