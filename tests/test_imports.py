@@ -8,6 +8,7 @@ import ast
 import glob
 import importlib.machinery
 import os
+import re
 import subprocess
 import sys
 
@@ -298,3 +299,22 @@ def test_cli_modes_match_the_config():
     """The CLI keeps its own copy of the modes so that parsing does not load the config."""
     from heidi import cli, config
     assert cli.MODES == config.MODES
+
+
+def test_readme_names_every_module():
+    """README's "How it works" table names each module of the package and its job."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as fh:
+        listed = set(re.findall(r"^\| `(heidi/[\w/]+\.py)` \|", fh.read(), re.M))
+    # a twin pair and its shared data are named by their selector's row; so are the supervise
+    # selector's core and watchdog
+    by_selector = re.compile(r"heidi/_fast/(_\w+_(c|py|types|rules)|__init__|_supervise_core"
+                             r"|_supervise_watchdog)\.py$")
+    missing = []
+    for dirpath, _, names in os.walk(os.path.join(root, "heidi")):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if (name.endswith(".py") and "/example/" not in rel and name != "_version.py"
+                    and not by_selector.search(rel) and rel not in listed):
+                missing.append(rel)
+    assert sorted(missing) == [], f"README's module table does not name {sorted(missing)}"
