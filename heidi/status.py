@@ -6,6 +6,7 @@ fsynced -- after a power loss a stale, empty or missing state.json is rebuilt fr
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import TYPE_CHECKING, Any
@@ -33,9 +34,9 @@ class StatusWriter:
     def write(self, state: dict[str, Any]) -> Fingerprint | None:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
         import orjson  # here: `heidi status` only reads
-        data = orjson.dumps(state, option=orjson.OPT_INDENT_2) + b"\n"
-        _atomic.atomic_write(self.path, data, 0o600, False)
-        return fingerprint(self.path)
+        # compact: readers parse it (a person reads `heidi status`), and it is written every tick
+        data = orjson.dumps(state) + b"\n"
+        return replace_file(self.path, data)
 
     def read(self) -> dict[str, Any] | None:
         return read_state(self.path)
@@ -51,6 +52,37 @@ def fingerprint(path: str) -> Fingerprint | None:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+_tmp_counter = itertools.count()
+
+
+def replace_file(path: str, data: bytes) -> Fingerprint:
+    """Replace path with data (mode 0600) by tmp file + rename, not synced; its fingerprint.
+
+    atomic_write's steps, fewer syscalls for a file replaced every tick: the mode is fixed
+    only when the umask cleared bits of it, and the fingerprint is the tmp file's fstat (the
+    inode renamed into place, whose mtime a rename leaves alone) instead of a stat afterwards.
+    """
+    dirname, base = os.path.split(path)
+    tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_tmp_counter)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            _atomic.write_all(fd, data)
+            st = os.fstat(fd)
+            if st.st_mode & 0o7777 != 0o600:
+                os.fchmod(fd, 0o600)  # the umask cleared bits we asked for
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
