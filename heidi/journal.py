@@ -320,6 +320,13 @@ class JournalWriter:
         """The journal's end as this writer leaves it (pending lines included)."""
         return Head(self.count, self.prev_hash, self.size, self.head_offset)
 
+    def fingerprint(self) -> tuple[int, int, int, int]:
+        """(inode, device, size, mtime in ns) of the file this writer appends to: fstat, so it
+        is the file written, whatever file the path names by now (a stat after a swap would
+        vouch for the new file)."""
+        st = os.fstat(self._fd)
+        return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
     def emit(self, event_type: str, message: str = "", *, round: int | None = None,
              stage: str = "pipeline", level: str = "info",
              counters_delta: Mapping[str, Any] | None = None,

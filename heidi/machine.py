@@ -10,6 +10,7 @@ import errno
 import functools
 import os
 import shutil
+import time
 from typing import Any
 
 from . import control
@@ -70,6 +71,9 @@ class Machine:
         # fingerprints of (journal, state.json) as this process last wrote them; None: unknown
         self._seen: tuple[Any, Any] | None = None
         self._journal_path, self._state_path = config.journal_path, config.state_path
+        self._control_dir = config.control_dir
+        # (monotonic ns, actions left) of the last listing of control/ (see status())
+        self._listed: tuple[int, list[str]] | None = None
 
     # -- opening, recovery ---------------------------------------------------------------
     def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
@@ -275,7 +279,7 @@ class Machine:
         then state.json replaced (not synced: a cache of the journal)."""
         assert self.journal is not None and self.state is not None
         self.journal.sync()
-        journal_seen = fingerprint(self._journal_path)
+        journal_seen = self.journal.fingerprint()
         self.state["round"] = self.state["current_round"]
         events, hash_, size, offset = self.journal.position
         # the head as state.json records it; the journal's mtime as this process left it, so
@@ -357,7 +361,7 @@ class Machine:
             moved.append(rel)
         for path, _ in control.pending(cfg.control_dir):
             control.consume(path)  # requests aimed at the finished run
-        self.state, self._seen = None, None
+        self.state, self._seen, self._listed = None, None, None
 
     # -- ticking -------------------------------------------------------------------------
     def require_run(self) -> dict[str, Any]:
@@ -370,8 +374,12 @@ class Machine:
 
         before_stop: only those that arrived before the first queued stop (a stop that ended a
         stage is applied after what was asked before it)."""
-        for path, action in control.pending(self.config.control_dir):
+        self._listed = None
+        listed_ns = time.monotonic_ns()
+        requests = control.pending(self._control_dir)
+        for i, (path, action) in enumerate(requests):
             if before_stop and action == "stop":
+                self._listed = (listed_ns, [a for _, a in requests[i:]])
                 return
             try:
                 self.act(action)
@@ -379,6 +387,7 @@ class Machine:
                 self._emit("request_refused", f"{action} refused: {exc}", level="warn")
                 self._save()
             control.consume(path)
+        self._listed = (listed_ns, [])
 
     def tick(self) -> bool:
         """Perform at most one transition; True when something advanced."""
@@ -425,7 +434,7 @@ class Machine:
                            stop_requested=self.stop_requested,
                            warn=functools.partial(self._stage_warn, stage))
         outcome = self.stage_runner(ctx, stage, round_)
-        if outcome.stopped and self.interrupt and not control.stop_pending(self.config.control_dir):
+        if outcome.stopped and self.interrupt and not control.stop_pending(self._control_dir):
             # A signal ended the process, not the run: the stage stays "running" in the state,
             # so the next holder journals stage_interrupted and runs it again.
             self._emit("pipeline_interrupted", f"{self.interrupt.name} ended {stage} (round "
@@ -494,18 +503,29 @@ class Machine:
         self._save()
 
     def _drop_requests(self, action: str) -> None:
-        for path, queued in control.pending(self.config.control_dir):
+        self._listed = None
+        for path, queued in control.pending(self._control_dir):
             if queued == action:
                 control.consume(path)
 
     def stop_requested(self) -> bool:
         """A stop waits in the control queue, or a signal came (checked by stage runners several
         times a second): end the running stage."""
-        return bool(self.interrupt) or control.stop_pending(self.config.control_dir)
+        return bool(self.interrupt) or control.stop_pending(self._control_dir)
 
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return status_view(self.state, self.config)
+        """The status view; its pending requests are those apply_requests left when it listed
+        control/ less than a millisecond ago (the view of a tick whose transition took no time:
+        a request that lands in between shows in the next view, and is applied the same)."""
+        listed = self._listed
+        pending = None
+        if listed is not None and time.monotonic_ns() - listed[0] < _LISTING_FRESH_NS:
+            pending = listed[1]
+        return status_view(self.state, self.config, pending)
+
+
+_LISTING_FRESH_NS = 1_000_000  # how long Machine.status() trusts apply_requests' listing
 
 
 _NOT_FOLDED = ("round", "pending_requests")  # written beside the folded state, not by apply_event

@@ -30,13 +30,25 @@ class StatusWriter:
     def __init__(self, path: str, fsync: bool = True) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
+        self._tmp, self._tmp_pid = "", -1
 
     def write(self, state: dict[str, Any]) -> Fingerprint | None:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
         import orjson  # here: `heidi status` only reads
         # compact: readers parse it (a person reads `heidi status`), and it is written every tick
-        data = orjson.dumps(state) + b"\n"
-        return replace_file(self.path, data)
+        data = orjson.dumps(state, option=orjson.OPT_APPEND_NEWLINE)
+        return replace_file(self.path, data, self._tmp_path())
+
+    def _tmp_path(self) -> str:
+        """This writer's tmp file, named once per process: a name used again each tick costs
+        the filesystem less than a new one, and no other writer (process or StatusWriter)
+        shares it."""
+        pid = os.getpid()
+        if pid != self._tmp_pid:  # first write, or a forked child: a name of its own
+            dirname, base = os.path.split(self.path)
+            self._tmp = os.path.join(dirname, f".{base}.{pid}.{next(_tmp_counter)}.tmp")
+            self._tmp_pid = pid
+        return self._tmp
 
     def read(self) -> dict[str, Any] | None:
         return read_state(self.path)
@@ -58,16 +70,24 @@ def fingerprint(path: str) -> Fingerprint | None:
 _tmp_counter = itertools.count()
 
 
-def replace_file(path: str, data: bytes) -> Fingerprint:
+def replace_file(path: str, data: bytes, tmp: str | None = None) -> Fingerprint:
     """Replace path with data (mode 0600) by tmp file + rename, not synced; its fingerprint.
 
     atomic_write's steps, fewer syscalls for a file replaced every tick: the mode is fixed
     only when the umask cleared bits of it, and the fingerprint is the tmp file's fstat (the
     inode renamed into place, whose mtime a rename leaves alone) instead of a stat afterwards.
+    tmp: a name in path's directory that only this caller uses (default: a new one).
     """
-    dirname, base = os.path.split(path)
-    tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_tmp_counter)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    if tmp is None:
+        dirname, base = os.path.split(path)
+        tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_tmp_counter)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        # left by a process that had this pid and died before its rename: the name is ours
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o600)
     try:
         try:
             _atomic.write_all(fd, data)
@@ -112,12 +132,15 @@ def interrupted(state: dict[str, Any] | None, config: Config) -> bool:
             and state.get("stage_status") == "running" and lock_holder(config.lock_path) is None)
 
 
-def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
+def status_view(state: dict[str, Any] | None, config: Config,
+                pending: list[str] | None = None) -> dict[str, Any]:
     """What `heidi status --json` and the API show: the state plus pending control requests.
 
     status is "interrupted" (and interrupted true) for a run whose stage was in flight when its
-    process ended; the state on disk still says running, for the next holder to take up."""
-    pending = [a for _, a in control.pending(config.control_dir)]
+    process ended; the state on disk still says running, for the next holder to take up.
+    pending: the queued actions when the caller has just listed them (else listed here)."""
+    if pending is None:
+        pending = [a for _, a in control.pending(config.control_dir)]
     if state is None:
         return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
                 "stage": None, "paused": False, "out_dir": config.out_dir,
