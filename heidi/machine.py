@@ -94,6 +94,10 @@ class Machine:
             raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`") from None
         try:
             if verify_chain or not self._reuse():
+                if self.lock.reused:
+                    # the files changed since this process let go: the lock file may have been
+                    # replaced too (OUT_DIR removed and made again), so lock what the path names
+                    self.lock.retake()
                 self._load(verify_chain)
         except BaseException:
             self.close()
@@ -106,7 +110,7 @@ class Machine:
         if self.journal is None or self._seen is None or self.journal.pending:
             self.close()
         else:
-            self.lock.release()
+            self.lock.release(keep=True)  # the next open() only flocks it again
 
     def close(self) -> None:
         """Write what is held back, release the journal and the lock (the state stays in memory)."""
