@@ -3,11 +3,10 @@
 heidi process to continue in the same run_id. Only `heidi stop` ends a run."""
 from __future__ import annotations
 
+import _signal  # type: ignore[import-not-found]  # signal's C half, no stubs (see signals_interrupt)
 import signal
 import threading
 from typing import Any
-
-import _signal  # the C functions behind `signal` (see signals_interrupt)
 
 from .errors import HeidiError
 
@@ -68,7 +67,7 @@ class signals_interrupt:
     `signal.signal`, whose wrapper turns each previous handler into an enum by way of a raised
     ValueError (~7 µs a call, 6 calls a tick)."""
 
-    __slots__ = ("interrupt", "signals", "previous")
+    __slots__ = ("interrupt", "previous", "signals")
 
     def __init__(self, interrupt: Interrupt, signals: tuple[int, ...] = SIGNALS) -> None:
         self.interrupt = interrupt

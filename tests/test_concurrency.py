@@ -368,16 +368,14 @@ def test_core_keeps_the_lock_file_open_but_not_the_lock_between_ticks(tmp_path):
     core.tick()
     lock_path = os.path.join(out, "heidi.lock")
     assert lock_holder(lock_path) is None
-    with RunLock(lock_path):  # another holder, between two ticks
-        with pytest.raises(RunLocked):
-            core.tick()
+    with RunLock(lock_path), pytest.raises(RunLocked):  # another holder, between two ticks
+        core.tick()
     core.tick()
     # OUT_DIR moved away and copied back: every file, heidi.lock too, is a new one
     os.rename(out, out + ".old")
     shutil.copytree(out + ".old", out)
-    with RunLock(lock_path):
-        with pytest.raises(RunLocked):
-            core.tick()  # the kept fd names the old heidi.lock, free: not enough
+    with RunLock(lock_path), pytest.raises(RunLocked):
+        core.tick()  # the kept fd names the old heidi.lock, free: not enough
     view = orjson.loads(core.tick())
     assert view["state"] == "EVALUATING" and lock_holder(lock_path) is None
     core.shutdown()

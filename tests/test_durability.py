@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import orjson
 import pytest
 
 import heidi
+from heidi import control
 from heidi import status as status_mod
 from heidi.config import Config
 from heidi.machine import Machine, check_state_file, mock_stage, verify_run
@@ -235,8 +237,6 @@ def test_a_tmp_file_left_by_a_dead_process_with_the_same_pid_is_replaced(tmp_pat
 def test_the_view_lists_requests_queued_after_the_holder_looked(tmp_path):
     """A tick's view reuses the listing of control/ it applied requests from only while it is
     under a millisecond old: a request queued later shows in the view."""
-    import time
-    from heidi import control
     out = str(tmp_path / "out")
     with Machine(_config(out, 2), stage_runner=mock_stage) as machine:
         machine.start()
