@@ -42,8 +42,9 @@ def tick(config: Config, steps: int = 1, machine: "Machine | None" = None) -> di
     running stage and raise Interrupted: the run is left interrupted, for the next tick to
     continue.
     """
-    apply_limits(config)
     kept = machine is not None
+    if not kept:
+        apply_limits(config)  # a kept machine's (Core's) were applied when it was made
     with signals_interrupt(Interrupt()) as interrupt:
         machine = machine or _machine(config, interrupt)
         machine.interrupt = interrupt
@@ -178,6 +179,7 @@ class Core:
     def _kept(self) -> "Machine":
         cfg = self._cfg()
         if self._machine is None or self._machine.config is not cfg:
+            apply_limits(cfg)  # once per configuration, not on every tick
             self._machine = _machine(cfg)
         return self._machine
 

@@ -36,6 +36,7 @@ class LazyModule:
 
 
 orjson = LazyModule("orjson")
+_sha256 = hashlib.sha256
 _chain = LazyModule("heidi._fast.chain")
 _TAIL_READ_BYTES = 64 * 1024
 MAX_EVENT_LINE_BYTES = 1 << 20  # a longer line in a page is reported, not returned
@@ -322,43 +323,57 @@ class JournalWriter:
         """The journal's end as this writer leaves it (pending lines included)."""
         return Head(self.count, self.prev_hash, self.size, self.head_offset)
 
+    def fingerprint(self) -> tuple[int, int, int, int]:
+        """(inode, device, size, mtime in ns) of the file this writer appends to: fstat, so it
+        is the file written, whatever file the path names by now (a stat after a swap would
+        vouch for the new file)."""
+        st = os.fstat(self._fd)
+        return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
     def emit(self, event_type: str, message: str = "", *, round: int | None = None,
              stage: str = "pipeline", level: str = "info",
              counters_delta: Mapping[str, Any] | None = None,
              usage_delta: Mapping[str, Any] | None = None,
              artifact_paths: Iterable[str] | None = None, error: str | None = None) -> bytes:
         """Append one event; message and error are redacted, then cut to the schema's limits."""
-        if level not in _chain.LEVELS:
-            raise ValueError(f"level {level!r}: must be one of {', '.join(sorted(_chain.LEVELS))}")
-        redact = self.redact
-        message = _truncate(redact(_clean_str(message)), _chain.MAX_MESSAGE_CHARS)
+        # Called a few times a tick: the common case (ASCII text, no paths, no error, empty
+        # counters) takes no detour through helpers.
+        chain = _chain
+        if level not in chain.LEVELS:
+            raise ValueError(f"level {level!r}: must be one of {', '.join(sorted(chain.LEVELS))}")
+        redact = self._redact or self.redact
+        message = redact(message if message.isascii() else _clean_str(message))
+        if len(message) > chain.MAX_MESSAGE_CHARS:
+            message = _truncate(message, chain.MAX_MESSAGE_CHARS)
         if error is not None:
-            error = _truncate(redact(_clean_str(str(error))), _chain.MAX_ERROR_CHARS)
+            error = _truncate(redact(_clean_str(str(error))), chain.MAX_ERROR_CHARS)
         paths = []
-        for path in artifact_paths or ():
-            path = redact(_clean_str(str(path)))
-            paths.append(path if len(path) <= _chain.MAX_ARTIFACT_CHARS
-                         else "…" + path[-(_chain.MAX_ARTIFACT_CHARS - 1):])
+        if artifact_paths:
+            for path in artifact_paths:
+                path = redact(_clean_str(str(path)))
+                paths.append(path if len(path) <= chain.MAX_ARTIFACT_CHARS
+                             else "…" + path[-(chain.MAX_ARTIFACT_CHARS - 1):])
         ts = self.clock.iso()
-        round_ = self.round if round is None else round
-        counters = _numbers("counters_delta", counters_delta)
-        usage = _numbers("usage_delta", usage_delta)
         # The event exactly as written (redacted, truncated), kept for callers that fold it;
         # encoded by chain.event_line, the one encoder of journal lines (encode_event's too).
-        event = _chain.new_event(ts, self.run_id, round_, stage, level, event_type, message,
-                                 counters, usage, paths, error, self.prev_hash)
-        line = _chain.event_line(event)
+        event = chain.new_event(ts, self.run_id, self.round if round is None else round, stage,
+                                level, event_type, message,
+                                _numbers("counters_delta", counters_delta) if counters_delta else {},
+                                _numbers("usage_delta", usage_delta) if usage_delta else {},
+                                paths, error, self.prev_hash)
+        line = chain.event_line(event)
         self.last_event = event
+        size = len(line)
         if self.batch:
             self._pending.append(line)
         else:
             self._append(line)
-        self.prev_hash = hashlib.sha256(line).hexdigest()
+        self.prev_hash = _sha256(line).hexdigest()
         self.count += 1
         if not self.batch:
             self._disk_head = (self.count, self.prev_hash)
         self.head_offset = self.size
-        self.size += len(line)
+        self.size += size
         self._dirty = True
         return line
 

@@ -24,14 +24,36 @@ def _named(exc: OSError, path: str) -> OSError:
 
 
 class RunLock:
-    """An exclusive, non-inheritable flock; released by the kernel if the holder dies."""
+    """An exclusive, non-inheritable flock; released by the kernel if the holder dies.
+
+    release(keep=True) unlocks but keeps the file open for the next acquire (a process that
+    takes the run tick after tick: flock only, no open/close); whoever keeps it re-takes the
+    lock on a fresh open when the run's files changed meanwhile (`retake`).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._fd = -1
+        self._kept = -1  # unlocked, open, for the next acquire in this process
+        self._pid = 0
+        self.reused = False  # the last acquire locked a kept file (see retake)
 
     def acquire(self, blocking: bool = False) -> "RunLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd, self._kept = self._kept, -1
+        pid = os.getpid()
+        if fd >= 0 and pid != self._pid:
+            # a forked child's copy shares its parent's open file, and so its flock: drop it
+            # (closing a copy never releases the parent's lock)
+            os.close(fd)
+            fd = -1
+        self.reused = fd >= 0
+        if fd < 0:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._take(fd, blocking, pid)
+        return self
+
+    def _take(self, fd: int, blocking: bool, pid: int) -> None:
+        """flock fd (closed on failure) and make the file name pid."""
         try:
             if blocking:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -56,7 +78,7 @@ class RunLock:
         # The holder's pid, for people and for lock_holder() where /proc/locks is unreadable; the
         # flock is what counts. Written at a fixed width (no ftruncate, ~0.35 ms on ext4) and only
         # when the file does not already name this process (a long-lived holder writes it once).
-        record = _pid_record(os.getpid())
+        record = _pid_record(pid)
         try:
             if os.pread(fd, len(record) + 1, 0) != record:
                 os.pwrite(fd, record, 0)  # a new lock file on a full disk: ENOSPC
@@ -64,10 +86,27 @@ class RunLock:
             os.close(fd)
             raise _named(exc, self.path) from None
         except BaseException:
+            fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
             raise
-        self._fd = fd
-        return self
+        self._fd, self._pid = fd, pid
+
+    def retake(self) -> None:
+        """Held on a file kept open: make sure it is the file the path names now (someone may
+        have deleted or replaced it, OUT_DIR and all); if not, lock the new one instead."""
+        if self._fd < 0:
+            return
+        try:
+            fresh = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            self.release()
+            raise
+        held, now = os.fstat(self._fd), os.fstat(fresh)
+        if (held.st_ino, held.st_dev) == (now.st_ino, now.st_dev):
+            os.close(fresh)
+            return
+        self.release()
+        self._take(fresh, False, os.getpid())
 
     def fileno(self) -> int:
         """The locked descriptor (-1 when not held): a child that inherits it keeps the run
@@ -78,17 +117,36 @@ class RunLock:
     def held(self) -> bool:
         return self._fd >= 0
 
-    def release(self) -> None:
+    def release(self, keep: bool = False) -> None:
+        """Unlock; keep=True keeps the file open for the next acquire of this process."""
+        if self._kept >= 0:
+            fd, self._kept = self._kept, -1
+            os.close(fd)
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except BaseException:
+                os.close(fd)
+                raise
+            if keep:
+                self._kept = fd
+            else:
+                os.close(fd)
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def __del__(self) -> None:
+        # dropped while keeping an unlocked fd: it must not leak (a held lock stays held, as
+        # before: whoever drops a RunLock while holding it means to keep the run)
+        fd = getattr(self, "_kept", -1)
+        if fd >= 0:
+            self._kept = -1
+            os.close(fd)
 
 
 def lock_holder(path: str) -> int | None:

@@ -11,6 +11,7 @@ import errno
 import functools
 import os
 import shutil
+import time
 from typing import Any, Iterator
 
 from . import control
@@ -79,6 +80,9 @@ class Machine:
         # path -- but a stage's outcome is always waited for (see _waiting_for_space).
         self.disk_wait: DiskWait | None = None
         self._journal_path, self._state_path = config.journal_path, config.state_path
+        self._control_dir = config.control_dir
+        # (monotonic ns, actions left) of the last listing of control/ (see status())
+        self._listed: tuple[int, list[str]] | None = None
 
     # -- opening, recovery ---------------------------------------------------------------
     def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
@@ -99,6 +103,10 @@ class Machine:
             raise RefusedError(f"no run in {self.config.out_dir}; start one with `heidi start`") from None
         try:
             if verify_chain or not self._reuse():
+                if self.lock.reused:
+                    # the files changed since this process let go: the lock file may have been
+                    # replaced too (OUT_DIR removed and made again), so lock what the path names
+                    self.lock.retake()
                 self._load(verify_chain)
         except BaseException:
             self.close()
@@ -111,7 +119,7 @@ class Machine:
         if self.journal is None or self._seen is None or self.journal.pending:
             self.close()
         else:
-            self.lock.release()
+            self.lock.release(keep=True)  # the next open() only flocks it again
 
     def close(self) -> None:
         """Write what is held back, release the journal and the lock (the state stays in memory)."""
@@ -319,7 +327,7 @@ class Machine:
     def _write_out(self) -> None:
         assert self.journal is not None and self.state is not None
         self.journal.sync()
-        journal_seen = fingerprint(self._journal_path)
+        journal_seen = self.journal.fingerprint()
         self.state["round"] = self.state["current_round"]
         events, hash_, size, offset = self.journal.position
         # the head as state.json records it; the journal's mtime as this process left it, so
@@ -402,7 +410,7 @@ class Machine:
             moved.append(rel)
         for path, _ in control.pending(cfg.control_dir):
             control.consume(path)  # requests aimed at the finished run
-        self.state, self._seen = None, None
+        self.state, self._seen, self._listed = None, None, None
 
     # -- ticking -------------------------------------------------------------------------
     def require_run(self) -> dict[str, Any]:
@@ -415,8 +423,12 @@ class Machine:
 
         before_stop: only those that arrived before the first queued stop (a stop that ended a
         stage is applied after what was asked before it)."""
-        for path, action in control.pending(self.config.control_dir):
+        self._listed = None
+        listed_ns = time.monotonic_ns()
+        requests = control.pending(self._control_dir)
+        for i, (path, action) in enumerate(requests):
             if before_stop and action == "stop":
+                self._listed = (listed_ns, [a for _, a in requests[i:]])
                 return
             try:
                 self.act(action)
@@ -424,6 +436,7 @@ class Machine:
                 self._emit("request_refused", f"{action} refused: {exc}", level="warn")
                 self._save()
             control.consume(path)
+        self._listed = (listed_ns, [])
 
     def tick(self) -> bool:
         """Perform at most one transition; True when something advanced."""
@@ -500,7 +513,7 @@ class Machine:
         state = self.state
         assert state is not None
         machine_state, round_ = state["state"], state["current_round"]
-        if outcome.stopped and self.interrupt and not control.stop_pending(self.config.control_dir):
+        if outcome.stopped and self.interrupt and not control.stop_pending(self._control_dir):
             # A signal ended the process, not the run: the stage stays "running" in the state,
             # so the next holder journals stage_interrupted and runs it again.
             self._emit("pipeline_interrupted", f"{self.interrupt.name} ended {stage} (round "
@@ -582,18 +595,29 @@ class Machine:
         self._save()
 
     def _drop_requests(self, action: str) -> None:
-        for path, queued in control.pending(self.config.control_dir):
+        self._listed = None
+        for path, queued in control.pending(self._control_dir):
             if queued == action:
                 control.consume(path)
 
     def stop_requested(self) -> bool:
         """A stop waits in the control queue, or a signal came (checked by stage runners several
         times a second): end the running stage."""
-        return bool(self.interrupt) or control.stop_pending(self.config.control_dir)
+        return bool(self.interrupt) or control.stop_pending(self._control_dir)
 
     # -- reading -------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return status_view(self.state, self.config)
+        """The status view; its pending requests are those apply_requests left when it listed
+        control/ less than a millisecond ago (the view of a tick whose transition took no time:
+        a request that lands in between shows in the next view, and is applied the same)."""
+        listed = self._listed
+        pending = None
+        if listed is not None and time.monotonic_ns() - listed[0] < _LISTING_FRESH_NS:
+            pending = listed[1]
+        return status_view(self.state, self.config, pending)
+
+
+_LISTING_FRESH_NS = 1_000_000  # how long Machine.status() trusts apply_requests' listing
 
 
 _NOT_FOLDED = ("round", "pending_requests")  # written beside the folded state, not by apply_event

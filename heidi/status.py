@@ -6,6 +6,7 @@ fsynced -- after a power loss a stale, empty or missing state.json is rebuilt fr
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -31,13 +32,25 @@ class StatusWriter:
     def __init__(self, path: str, fsync: bool = True) -> None:
         self.path = os.fspath(path)
         self.fsync = fsync
+        self._tmp, self._tmp_pid = "", -1
 
     def write(self, state: dict[str, Any]) -> Fingerprint | None:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
         import orjson  # here: `heidi status` only reads
-        data = orjson.dumps(state, option=orjson.OPT_INDENT_2) + b"\n"
-        _atomic.atomic_write(self.path, data, 0o600, False)
-        return fingerprint(self.path)
+        # compact: readers parse it (a person reads `heidi status`), and it is written every tick
+        data = orjson.dumps(state, option=orjson.OPT_APPEND_NEWLINE)
+        return replace_file(self.path, data, self._tmp_path())
+
+    def _tmp_path(self) -> str:
+        """This writer's tmp file, named once per process: a name used again each tick costs
+        the filesystem less than a new one, and no other writer (process or StatusWriter)
+        shares it."""
+        pid = os.getpid()
+        if pid != self._tmp_pid:  # first write, or a forked child: a name of its own
+            dirname, base = os.path.split(self.path)
+            self._tmp = os.path.join(dirname, f".{base}.{pid}.{next(_tmp_counter)}.tmp")
+            self._tmp_pid = pid
+        return self._tmp
 
     def read(self) -> dict[str, Any] | None:
         return read_state(self.path)
@@ -53,6 +66,45 @@ def fingerprint(path: str) -> Fingerprint | None:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+_tmp_counter = itertools.count()
+
+
+def replace_file(path: str, data: bytes, tmp: str | None = None) -> Fingerprint:
+    """Replace path with data (mode 0600) by tmp file + rename, not synced; its fingerprint.
+
+    atomic_write's steps, fewer syscalls for a file replaced every tick: the mode is fixed
+    only when the umask cleared bits of it, and the fingerprint is the tmp file's fstat (the
+    inode renamed into place, whose mtime a rename leaves alone) instead of a stat afterwards.
+    tmp: a name in path's directory that only this caller uses (default: a new one).
+    """
+    if tmp is None:
+        dirname, base = os.path.split(path)
+        tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_tmp_counter)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        # left by a process that had this pid and died before its rename: the name is ours
+        os.unlink(tmp)
+        fd = os.open(tmp, flags, 0o600)
+    try:
+        try:
+            _atomic.write_all(fd, data)
+            st = os.fstat(fd)
+            if st.st_mode & 0o7777 != 0o600:
+                os.fchmod(fd, 0o600)  # the umask cleared bits we asked for
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
     return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
@@ -92,12 +144,15 @@ def _slurm_view(state: dict[str, Any]) -> dict[str, Any] | None:
     return {"job_id": job["id"], "state": job.get("state"), "name": job.get("name")}
 
 
-def status_view(state: dict[str, Any] | None, config: Config) -> dict[str, Any]:
+def status_view(state: dict[str, Any] | None, config: Config,
+                pending: list[str] | None = None) -> dict[str, Any]:
     """What `heidi status --json` and the API show: the state plus pending control requests.
 
     status is "interrupted" (and interrupted true) for a run whose stage was in flight when its
-    process ended; the state on disk still says running, for the next holder to take up."""
-    pending = [a for _, a in control.pending(config.control_dir)]
+    process ended; the state on disk still says running, for the next holder to take up.
+    pending: the queued actions when the caller has just listed them (else listed here)."""
+    if pending is None:
+        pending = [a for _, a in control.pending(config.control_dir)]
     if state is None:
         return {"run_id": None, "state": None, "status": "none", "round": 0, "mode": None,
                 "stage": None, "paused": False, "out_dir": config.out_dir,

@@ -351,3 +351,31 @@ def test_lock_holder_reads_proc_locks_without_touching_the_lock(tmp_path):
         holder.wait()
         holder.stdout.close()
     assert lock_holder(path) is None
+
+
+def test_core_keeps_the_lock_file_open_but_not_the_lock_between_ticks(tmp_path):
+    """Core flocks a lock file it keeps open: between ticks another holder can take the run,
+    and an OUT_DIR made again meanwhile (a new heidi.lock) is locked afresh, not through the
+    old file."""
+    import shutil
+
+    import heidi
+    from heidi.lock import RunLock
+    out = str(tmp_path / "out")
+    core = heidi.Core()
+    core.init(None, OUT_DIR=out, ROUNDS=2, HEIDI_MOCK_SUBPROCESSES=1, HEIDI_FSYNC=0)
+    core.start()
+    core.tick()
+    lock_path = os.path.join(out, "heidi.lock")
+    assert lock_holder(lock_path) is None
+    with RunLock(lock_path), pytest.raises(RunLocked):  # another holder, between two ticks
+        core.tick()
+    core.tick()
+    # OUT_DIR moved away and copied back: every file, heidi.lock too, is a new one
+    os.rename(out, out + ".old")
+    shutil.copytree(out + ".old", out)
+    with RunLock(lock_path), pytest.raises(RunLocked):
+        core.tick()  # the kept fd names the old heidi.lock, free: not enough
+    view = orjson.loads(core.tick())
+    assert view["state"] == "EVALUATING" and lock_holder(lock_path) is None
+    core.shutdown()

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import orjson
 import pytest
 
 import heidi
+from heidi import control
 from heidi import status as status_mod
 from heidi.config import Config
 from heidi.machine import Machine, check_state_file, mock_stage, verify_run
@@ -61,16 +63,16 @@ class PowerLoss(Exception):
 
 def test_one_fdatasync_per_transition_and_no_sync_of_state_json(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
-    writes: list[bool] = []
-    real_atomic = status_mod._atomic
+    writes: list[str] = []
+    real_replace = status_mod.replace_file
 
-    class Recording:
-        @staticmethod
-        def atomic_write(path, data, mode=0o600, fsync=True):
-            writes.append(fsync)
-            real_atomic.atomic_write(path, data, mode, fsync)
+    def replace_file(path, data, tmp=None):
+        # state.json is replaced with plain os calls (tmp + rename): os.fsync, counted below,
+        # is the only way it could be synced
+        writes.append(path)
+        return real_replace(path, data, tmp)
 
-    monkeypatch.setattr(status_mod, "_atomic", Recording)
+    monkeypatch.setattr(status_mod, "replace_file", replace_file)
     with Machine(_config(out, 2), stage_runner=mock_stage) as machine:
         machine.start()
         syncs = Syncs(monkeypatch)
@@ -80,7 +82,7 @@ def test_one_fdatasync_per_transition_and_no_sync_of_state_json(tmp_path, monkey
     assert ticks == 8
     assert len(syncs.datasyncs) == ticks  # one per transition, however many events it wrote
     assert syncs.fsyncs == 0  # neither state.json nor its directory
-    assert writes and not any(writes)
+    assert writes.count(os.path.join(out, "state.json")) == len(writes) >= ticks
     assert syncs.datasyncs[-1] == len(_journal(out))
 
 
@@ -204,3 +206,45 @@ def test_power_loss_at_random_ticks(tmp_path, monkeypatch, seed):
     kept = [(e["event_type"], e["round"], e["stage"]) for e in events
             if e["event_type"] not in ("state_recovered", "journal_repaired")]
     assert kept == _expected(rounds)  # a lost transition ran again, once, from scratch
+
+
+def test_state_json_is_replaced_under_a_umask_that_clears_its_mode(tmp_path):
+    path = str(tmp_path / "state.json")
+    writer = status_mod.StatusWriter(path)
+    old = os.umask(0o277)
+    try:
+        seen = writer.write({"run_id": "r", "journal": {}})
+        seen_again = writer.write({"run_id": "r2", "journal": {}})
+    finally:
+        os.umask(old)
+    st = os.stat(path)
+    assert st.st_mode & 0o7777 == 0o600
+    assert seen != seen_again == (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns)
+    assert read_state(path) == {"run_id": "r2", "journal": {}}
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]  # no tmp file left
+
+
+def test_a_tmp_file_left_by_a_dead_process_with_the_same_pid_is_replaced(tmp_path):
+    path = str(tmp_path / "state.json")
+    writer = status_mod.StatusWriter(path)
+    with open(writer._tmp_path(), "wb") as fh:
+        fh.write(b'{"torn')  # killed between its create and its rename
+    writer.write({"run_id": "r", "journal": {}})
+    assert read_state(path) == {"run_id": "r", "journal": {}}
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_the_view_lists_requests_queued_after_the_holder_looked(tmp_path):
+    """A tick's view reuses the listing of control/ it applied requests from only while it is
+    under a millisecond old: a request queued later shows in the view."""
+    out = str(tmp_path / "out")
+    with Machine(_config(out, 2), stage_runner=mock_stage) as machine:
+        machine.start()
+        machine.tick()
+        assert machine.status()["pending_requests"] == []
+        control.request(machine.config.control_dir, "pause")
+        time.sleep(0.002)
+        view = machine.status()
+        assert view["pending_requests"] == ["pause"] and view["pause_requested"]
+        machine.tick()  # applies it
+        assert machine.status()["paused"] and machine.status()["pending_requests"] == []

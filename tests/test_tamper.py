@@ -281,3 +281,35 @@ def test_a_touched_journal_is_checked_once_then_trusted_again(run, monkeypatch):
             assert machine.state["journal"]["mtime_ns"] == os.stat(journal).st_mtime_ns
         assert len(calls) == expected
     assert _cli(run, "verify", "--json").returncode == 0
+
+
+def test_a_journal_swapped_during_a_stage_is_noticed_by_the_next_tick(tmp_path):
+    """The swap lands between the tick's check and its append: the tick's lines go to the file
+    it holds open, and the next tick of the same process (Core's way: release, open again)
+    must not take the swapped-in file for the one it wrote."""
+    out = str(tmp_path / "out")
+    journal = os.path.join(out, "events.jsonl")
+
+    def swapping_stage(ctx, stage, round_):
+        copy = journal + ".copy"
+        with open(journal, "rb") as src, open(copy, "wb") as dst:
+            dst.write(src.read())
+        os.rename(copy, journal)  # same bytes, another file
+        return mock_stage(ctx, stage, round_)
+
+    cfg = Config.load(None, environ={}, overrides={"OUT_DIR": out, "ROUNDS": 2,
+                                                   "HEIDI_MOCK_SUBPROCESSES": True,
+                                                   "HEIDI_FSYNC": False})
+    machine = Machine(cfg, stage_runner=mock_stage).open()
+    machine.start()
+    machine.release()
+    machine.stage_runner = swapping_stage
+    machine.open(create=False)
+    assert machine.tick()
+    machine.release()
+    before = _journal_bytes(out)
+    machine.stage_runner = mock_stage
+    with pytest.raises(JournalChanged):
+        machine.open(create=False)  # the file at the path lacks the lines state.json records
+    machine.close()
+    assert _journal_bytes(out) == before
