@@ -99,11 +99,14 @@ def replace_file(path: str, data: bytes, tmp: str | None = None) -> Fingerprint:
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # a write to the fd names no file: say which one (a full disk, say, is a wait)
+            raise OSError(exc.errno, exc.strerror, path) from None
         raise
     return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
