@@ -1,11 +1,17 @@
 """What a run in OUT_DIR owns, read from its journal: the files and directories archiving moves to
-OUT_DIR/runs/<run_id>/ when a new run starts. Everything else in OUT_DIR is the user's."""
+OUT_DIR/runs/<run_id>/ when a new run starts (`Archive`, a part of `Machine`). Everything else in
+OUT_DIR is the user's."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+from typing import Any
 
+from . import control
 from ._fast import chain as _chain
 from .config import Config
+from .journal import JournalWriter
 
 # heidi's own files in OUT_DIR that belong to no run: never archived.
 SHARED = frozenset(("heidi.lock", "runs", "control", "heidi.pid", "daemon.json", "daemon.log"))
@@ -52,3 +58,54 @@ def owned_paths(cfg: Config) -> list[str]:
                     continue  # never the config file or the scripts, nor a directory holding them
                 paths.add(rel)
     return sorted(paths)
+
+
+class Archive:
+    """Machine's archiving of a finished run before a new one starts."""
+
+    # set by Machine.__init__
+    config: Config
+    state: dict[str, Any] | None
+    journal: JournalWriter | None
+    _seen: tuple[Any, Any] | None
+    _listed: tuple[int, list[str]] | None
+
+    def _archive(self) -> None:
+        """Move a finished run's own files to OUT_DIR/runs/<run_id>/ so a new run starts clean.
+
+        What a run owns is read from its journal (state.json is only a cache): heidi's fixed
+        files plus every path inside OUT_DIR that an event recorded in artifact_paths. Anything
+        else in OUT_DIR (heidi.toml, scripts/, a user's notes or data) stays where it is."""
+        assert self.state is not None
+        cfg = self.config
+        owned = owned_paths(cfg)  # read before the journal moves
+        if self.journal is not None:
+            self.journal.close()
+            self.journal = None
+        from .stagelog import makedirs_private
+        dest = os.path.join(cfg.out_dir, "runs", self.state["run_id"])
+        makedirs_private(dest)
+        # state.json first and the journal last: cut short anywhere, what is left in OUT_DIR is
+        # a journal to rebuild the state from, or no run at all (never a state without its journal)
+        moved: list[str] = []
+        for rel in ["state.json"] + owned + ["events.jsonl"]:
+            if any(rel.startswith(done + "/") for done in moved):
+                continue  # inside a directory already moved
+            src = os.path.join(cfg.out_dir, rel)
+            if not os.path.lexists(src):
+                continue
+            target = os.path.join(dest, rel)
+            if os.sep in rel:
+                makedirs_private(os.path.dirname(target))
+            try:
+                os.rename(src, target)  # a file replaces its copy from an archive cut short
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                    continue  # an archive cut short and resumed: the first move won
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.move(src, target)  # a path on another filesystem (a symlinked data/)
+            moved.append(rel)
+        for path, _ in control.pending(cfg.control_dir):
+            control.consume(path)  # requests aimed at the finished run
+        self.state, self._seen, self._listed = None, None, None

@@ -212,7 +212,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise _UsageExit(f"heidi verify: {path}: no such journal")
     from .errors import StateError
     from .journal import JournalError
-    from .machine import check_state_file
+    from .recovery import check_state_file
     try:
         from .config import Config
         count, head, run_id = verify_run(cfg or Config(), path)

@@ -109,7 +109,7 @@ def test_core_reuses_its_state_while_the_files_are_unchanged(tmp_path, monkeypat
     core.tick()
     reads: list[str] = []
     real_read = status_mod.read_state
-    monkeypatch.setattr("heidi.machine.read_state", lambda p: reads.append(p) or real_read(p))
+    monkeypatch.setattr("heidi.recovery.read_state", lambda p: reads.append(p) or real_read(p))
     core.tick()
     core.tick()
     assert reads == []  # nothing read back: the state in memory is what is on disk

@@ -269,12 +269,12 @@ def _cli_env(out: str, env: dict, *args: str) -> subprocess.CompletedProcess:
 def test_a_touched_journal_is_checked_once_then_trusted_again(run, monkeypatch):
     """Only the mtime changed (a backup tool, `touch`): the whole chain is checked, found intact,
     and the new mtime recorded, so the next tick is O(1) again."""
-    import heidi.machine as machine_mod
+    import heidi.recovery as recovery_mod
     journal = os.path.join(run, "events.jsonl")
     os.utime(journal, ns=(0, 10**18))
     calls = []
-    real = machine_mod._verify_upto
-    monkeypatch.setattr(machine_mod, "_verify_upto", lambda *a: calls.append(1) or real(*a))
+    real = recovery_mod._verify_upto
+    monkeypatch.setattr(recovery_mod, "_verify_upto", lambda *a: calls.append(1) or real(*a))
     cfg = _config(run)
     for expected in (1, 1):
         with Machine(cfg, stage_runner=mock_stage) as machine:
