@@ -184,13 +184,14 @@ def test_no_import_circle():
 
 
 def test_imports_form_layers():
-    """errors at the bottom, then clock and config; the pure loop only above them; nothing but
+    """errors at the bottom, then clock and config (with settings); the pure loop only above them; nothing but
     __main__ imports the CLI."""
     graph = _import_graph()
     assert graph["heidi.errors"] == set()
     assert graph["heidi.clock"] <= {"heidi.errors"}
-    assert graph["heidi.config"] <= {"heidi.errors"}
-    assert graph["heidi.loop"] <= {"heidi.errors", "heidi.clock", "heidi.config"}
+    assert graph["heidi.settings"] <= {"heidi.errors"}  # config's table and parsers
+    assert graph["heidi.config"] <= {"heidi.errors", "heidi.settings"}
+    assert graph["heidi.loop"] <= {"heidi.errors", "heidi.clock", "heidi.config", "heidi.settings"}
     assert graph["heidi.stages"].isdisjoint({"heidi.machine", "heidi.core"})
     assert [m for m, deps in graph.items() if "heidi.cli" in deps] == ["heidi.__main__"]
 
