@@ -133,3 +133,20 @@ def clean_heidi_settings(monkeypatch, tmp_path):
     for name in ENV_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def server():
+    """start(latency_s=0, key=None) -> (FakeLLM, ServerThread): a local OpenAI/Anthropic server on
+    127.0.0.1, stopped after the test (tests/fake_llm.py; aiohttp is imported only here)."""
+    from fake_llm import FakeLLM, ServerThread
+    started = []
+
+    def start(latency_s: float = 0.0, key: str | None = None) -> tuple[FakeLLM, ServerThread]:
+        fake = FakeLLM(latency_s, key)
+        thread = ServerThread(fake)
+        started.append(thread)
+        return fake, thread
+    yield start
+    for thread in started:
+        thread.stop()

@@ -13,26 +13,11 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fake_llm import FakeLLM, ServerThread
 from heidi.config import SETTINGS
 from heidi.stages import build_argv, heidi_argv
 
 REPO = str(Path(__file__).resolve().parent.parent)
 KEY = "sk-proj-" + "Zq7" * 12
-
-
-@pytest.fixture
-def server():
-    started = []
-
-    def start(latency_s: float = 0.0, key: str | None = None) -> tuple[FakeLLM, ServerThread]:
-        fake = FakeLLM(latency_s, key)
-        thread = ServerThread(fake)
-        started.append(thread)
-        return fake, thread
-    yield start
-    for thread in started:
-        thread.stop()
 
 
 def env_for(url: str | None = None, **extra: str) -> dict[str, str]:

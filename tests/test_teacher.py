@@ -9,26 +9,11 @@ import time
 
 import pytest
 
-from fake_llm import FakeLLM, ServerThread
 from heidi import AsyncCollector, MockProvider
 from heidi.providers import (AnthropicProvider, OpenAIProvider, check_base_url,
                              parse_retry_after)
 
 KEY = "sk-test-" + "k3y" * 10
-
-
-@pytest.fixture
-def server():
-    started = []
-
-    def start(latency_s: float = 0.0, key: str | None = None) -> tuple[FakeLLM, ServerThread]:
-        fake = FakeLLM(latency_s, key)
-        thread = ServerThread(fake)
-        started.append(thread)
-        return fake, thread
-    yield start
-    for thread in started:
-        thread.stop()
 
 
 def openai(url: str, key: str | None = KEY) -> OpenAIProvider:
