@@ -239,5 +239,11 @@ class Core:
 
 
 def _dumps(view: dict[str, Any]) -> str:
-    import orjson
-    return orjson.dumps(view).decode()
+    global _orjson_dumps
+    if _orjson_dumps is None:
+        import orjson  # at the first Core call, not at `import heidi`
+        _orjson_dumps = orjson.dumps
+    return _orjson_dumps(view).decode()
+
+
+_orjson_dumps: Callable[..., bytes] | None = None

@@ -5,8 +5,6 @@ torn last line (kept aside, never silently), redacts before writing and batches 
 """
 from __future__ import annotations
 
-import hashlib
-import math
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -20,38 +18,7 @@ from .journal_read import (MAX_EVENT_LINE_BYTES, Head, JournalChanged, LazyModul
                            read_events_page, read_tail, verify_journal, verify_run)
 from .waiting import with_path
 
-_sha256 = hashlib.sha256
 _chain = LazyModule("heidi._fast.chain")
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _clean_str(text: str) -> str:
-    # Lone surrogates (from undecodable file names, say) are not UTF-8: replace them.
-    if text.isascii():
-        return text  # the common case, told without encoding a copy
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def _numbers(name: str, delta: Mapping[str, Any] | None) -> dict:
-    if not delta:
-        return {}
-    out = {}
-    for key, value in delta.items():
-        kind = type(value)
-        if kind is float:
-            if not math.isfinite(value):
-                raise ValueError(f"{name}[{key!r}] must be finite")
-        elif kind is not int:
-            raise TypeError(f"{name}[{key!r}] must be a number, not {kind.__name__}")
-        out[str(key)] = value
-    return out
 
 
 class JournalWriter:
@@ -193,8 +160,7 @@ class JournalWriter:
         """(inode, device, size, mtime in ns) of the file this writer appends to: fstat, so it
         is the file written, whatever file the path names by now (a stat after a swap would
         vouch for the new file)."""
-        st = os.fstat(self._fd)
-        return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+        return _atomic.fd_fingerprint(self._fd)
 
     def emit(self, event_type: str, message: str = "", *, round: int | None = None,
              stage: str = "pipeline", level: str = "info",
@@ -202,39 +168,20 @@ class JournalWriter:
              usage_delta: Mapping[str, Any] | None = None,
              artifact_paths: Iterable[str] | None = None, error: str | None = None) -> bytes:
         """Append one event; message and error are redacted, then cut to the schema's limits."""
-        # Called a few times a tick: the common case (ASCII text, no paths, no error, empty
-        # counters) takes no detour through helpers.
-        chain = _chain
-        if level not in chain.LEVELS:
-            raise ValueError(f"level {level!r}: must be one of {', '.join(sorted(chain.LEVELS))}")
-        redact = self._redact or self.redact
-        message = redact(message if message.isascii() else _clean_str(message))
-        if len(message) > chain.MAX_MESSAGE_CHARS:
-            message = _truncate(message, chain.MAX_MESSAGE_CHARS)
-        if error is not None:
-            error = _truncate(redact(_clean_str(str(error))), chain.MAX_ERROR_CHARS)
-        paths = []
-        if artifact_paths:
-            for path in artifact_paths:
-                path = redact(_clean_str(str(path)))
-                paths.append(path if len(path) <= chain.MAX_ARTIFACT_CHARS
-                             else "…" + path[-(chain.MAX_ARTIFACT_CHARS - 1):])
-        ts = self.clock.iso()
-        # The event exactly as written (redacted, truncated), kept for callers that fold it;
-        # encoded by chain.event_line, the one encoder of journal lines (encode_event's too).
-        event = chain.new_event(ts, self.run_id, self.round if round is None else round, stage,
-                                level, event_type, message,
-                                _numbers("counters_delta", counters_delta) if counters_delta else {},
-                                _numbers("usage_delta", usage_delta) if usage_delta else {},
-                                paths, error, self.prev_hash)
-        line = chain.event_line(event)
+        # message, error and paths redacted and cut, deltas checked, the line encoded and
+        # hashed: one call to the chain's twin (compiled: no Python frame in the common case).
+        # The event exactly as written is kept for callers that fold it.
+        event, line, line_hash = _chain.emit_line(
+            self.clock.iso(), self.run_id, self.round if round is None else round, stage, level,
+            event_type, message, counters_delta, usage_delta, artifact_paths, error,
+            self.prev_hash, self._redact or self.redact)
         self.last_event = event
         size = len(line)
         if self.batch:
             self._pending.append(line)
         else:
             self._append(line)
-        self.prev_hash = _sha256(line).hexdigest()
+        self.prev_hash = line_hash
         self.count += 1
         if not self.batch:
             self._disk_head = (self.count, self.prev_hash)
@@ -248,7 +195,7 @@ class JournalWriter:
             self._cut_back(self._disk_size)  # an earlier failed write's bytes, if still there
         # Still the size this writer left it? Otherwise another process wrote to it (or cut it):
         # append nothing, now or later, and say at which line it changed.
-        if self._changed is None and os.fstat(self._fd).st_size != self._disk_size:
+        if self._changed is None and _atomic.fd_fingerprint(self._fd)[2] != self._disk_size:
             events, last = self._disk_head
             self._changed = JournalChanged(changed_at(self.path, events, last), self.path)
         if self._changed is not None:

@@ -214,10 +214,18 @@ def usage_rule(key: str) -> str:
     return "last"
 
 
+_RULES: dict[str, str] = {}  # usage_rule by key, for the few keys stages report (folded each tick)
+
+
 def _fold_usage(state: dict[str, Any], stage: str | None, delta: dict[str, Any]) -> None:
     total = state["usage"]
+    rules = _RULES
     for key, value in delta.items():
-        rule = usage_rule(key)
+        rule = rules.get(key)
+        if rule is None:
+            rule = usage_rule(key)
+            if len(rules) < 256:
+                rules[key] = rule
         if rule == "sum":
             old = total.get(key, 0)
             total[key] = round(old + value, 6) if isinstance(value, float) or isinstance(old, float) \

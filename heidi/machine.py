@@ -6,11 +6,10 @@ can always be rebuilt from events.jsonl.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from . import control
 from .archive import Archive
@@ -79,6 +78,8 @@ class Machine(Recovery, Archive):
         self._control_dir = config.control_dir
         # (monotonic ns, actions left) of the last listing of control/ (see status())
         self._listed: tuple[int, list[str]] | None = None
+        self._contexts: dict[tuple[str, str], StageContext] = {}  # see _context
+        self._outcome_wait: DiskWait | None = None  # see _WaitingForSpace
 
     # -- opening, recovery ---------------------------------------------------------------
     def open(self, create: bool = True, verify_chain: bool = False) -> "Machine":
@@ -153,18 +154,10 @@ class Machine(Recovery, Archive):
         """fn(*args), a full disk waited out when `wait` is set (else its OSError is raised)."""
         return fn(*args) if wait is None else wait.run(fn, *args)
 
-    @contextlib.contextmanager
-    def _waiting_for_space(self) -> Iterator[None]:
+    def _waiting_for_space(self) -> "_WaitingForSpace":
         """Inside, a full disk is waited out even by a tick (one line on stderr): what a stage
         did -- hours of training -- is journaled once there is space, never thrown away."""
-        if self.disk_wait is not None:
-            yield
-            return
-        self.disk_wait = DiskWait(self.interrupt, stderr_line, self.clock)
-        try:
-            yield
-        finally:
-            self.disk_wait = None
+        return _WaitingForSpace(self)
 
     def _save(self) -> None:
         """End a transition: the journal's lines written and fdatasynced (that makes it durable),
@@ -300,15 +293,25 @@ class Machine(Recovery, Archive):
             self._save()  # a crash from here on is seen as an interrupted stage
             for path in make:
                 self._io(self.disk_wait, _makedirs, path)  # 0700 whatever the umask
-        ctx = StageContext(config=self.config, run_id=state["run_id"] or "",
-                           stop_requested=self.stop_requested,
-                           warn=functools.partial(self._stage_warn, stage))
+        ctx = self._context(stage, state["run_id"] or "")
         # A full disk before the stage's process starts (its log, the train/val split) is
         # raised by the runner: waited out by a daemon (the runner is called again), an error
         # for a tick (the stage runs again at the next one).
         outcome = self._io(self.disk_wait, self.stage_runner, ctx, stage, round_)
         with self._waiting_for_space():
             self._record_outcome(stage, outcome)
+
+    def _context(self, stage: str, run_id: str) -> StageContext:
+        """The StageContext of stage in run_id (made once: a mock tick runs a stage each time)."""
+        key = (stage, run_id)
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            if len(self._contexts) > 16:
+                self._contexts.clear()  # runs come and go in a long-lived daemon
+            ctx = self._contexts[key] = StageContext(
+                config=self.config, run_id=run_id, stop_requested=self.stop_requested,
+                warn=functools.partial(self._stage_warn, stage))
+        return ctx
 
     def _slurm_stage(self, stage: str) -> bool:
         return not self.config.mock_subprocesses and self.config.stages[stage].executor == "slurm"
@@ -427,6 +430,31 @@ class Machine(Recovery, Archive):
 
 
 _LISTING_FRESH_NS = 1_000_000  # how long Machine.status() trusts apply_requests' listing
+
+
+class _WaitingForSpace:
+    """Machine._waiting_for_space(): sets the machine's disk_wait while inside, unless it has
+    one (a daemon, `heidi run`). One DiskWait per machine, told the interrupt of the moment."""
+
+    __slots__ = ("machine", "set_here")
+
+    def __init__(self, machine: Machine) -> None:
+        self.machine = machine
+        self.set_here = False
+
+    def __enter__(self) -> None:
+        machine = self.machine
+        if machine.disk_wait is None:
+            wait = machine._outcome_wait
+            if wait is None:
+                wait = machine._outcome_wait = DiskWait(machine.interrupt, stderr_line, machine.clock)
+            wait.interrupt = machine.interrupt  # Core.tick gives the machine a new one each call
+            machine.disk_wait = wait
+            self.set_here = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.set_here:
+            self.machine.disk_wait = None
 
 
 def _makedirs(path: str) -> None:

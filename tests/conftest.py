@@ -16,11 +16,13 @@ import os
 import pkgutil
 import sys
 from types import ModuleType
+from typing import Iterator
 
 import pytest
 
 import heidi
 from heidi._fast import MODULES, no_extensions
+from heidi.journal_read import LazyModule
 
 
 def pytest_addoption(parser):
@@ -79,6 +81,18 @@ def _import_package() -> None:
     _package_loaded = True
 
 
+def _forget_lazy_lookups() -> None:
+    """Empty the LazyModule caches of heidi's modules (journal's `_chain`, say): a name looked
+    up through one is a plain attribute from then on, which a twin swap would not reach."""
+    for modname, module in list(sys.modules.items()):
+        if module is None or not (modname == "heidi" or modname.startswith("heidi.")):
+            continue
+        for value in list(vars(module).values()):
+            if isinstance(value, LazyModule):
+                for name in [n for n in vars(value) if n != "_name"]:
+                    delattr(value, name)
+
+
 def _swap(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Bind every selector heidi._fast.X to its `kind` twin until monkeypatch undoes it."""
     _import_package()
@@ -107,14 +121,16 @@ def _swap(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def twin(impl_kind: str, monkeypatch: pytest.MonkeyPatch) -> str:
+def twin(impl_kind: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test with the whole package on impl_kind's twin; returns impl_kind."""
+    _forget_lazy_lookups()
     _swap(impl_kind, monkeypatch)
     if impl_kind == "py":
         monkeypatch.setenv("HEIDI_NO_EXTENSIONS", "1")
     else:
         monkeypatch.delenv("HEIDI_NO_EXTENSIONS", raising=False)
-    return impl_kind
+    yield impl_kind
+    _forget_lazy_lookups()  # names looked up on this twin must not outlive the test
 
 
 @pytest.fixture

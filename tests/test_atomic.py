@@ -2,6 +2,7 @@
 that no tmp file is ever left behind."""
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -251,3 +252,105 @@ def test_write_all_refuses_none(fast_impl, tmp_path):
             mod.write_all(fd, None)
     finally:
         os.close(fd)
+
+
+# -- fingerprint, fd_fingerprint, replace_file: state.json's per-tick path (not synced) -------
+
+def _os_fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def test_fingerprint_is_os_stat_or_none(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"x" * 123)
+    assert mod.fingerprint(str(path)) == _os_fingerprint(os.stat(path))
+    assert mod.fingerprint(path) == _os_fingerprint(os.stat(path))  # a PathLike too
+    assert mod.fingerprint(str(tmp_path / "missing")) is None
+
+
+def test_fingerprint_other_errors_name_the_path(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    (tmp_path / "file").write_bytes(b"")
+    bad = str(tmp_path / "file" / "below")  # ENOTDIR: not "missing", an error
+    with pytest.raises(NotADirectoryError) as info:
+        mod.fingerprint(bad)
+    assert info.value.filename == bad
+
+
+def test_fd_fingerprint_follows_the_open_file(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    path = tmp_path / "j"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, b"line\n")
+        assert mod.fd_fingerprint(fd) == _os_fingerprint(os.fstat(fd))
+        os.rename(path, tmp_path / "moved")  # the fd's file, whatever its name is now
+        (tmp_path / "j").write_bytes(b"another file")
+        assert mod.fd_fingerprint(fd) == _os_fingerprint(os.stat(tmp_path / "moved"))
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as info:
+        mod.fd_fingerprint(fd)
+    assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o277])
+def test_replace_file_content_mode_and_fingerprint(fast_impl, tmp_path, umask, mask):
+    mod = fast_impl("atomic")
+    umask(mask)
+    target, tmp = tmp_path / "state.json", tmp_path / ".state.json.1.0.tmp"
+    target.write_bytes(b"old")
+    seen = mod.replace_file(str(target), str(tmp), b'{"new":1}\n')
+    assert target.read_bytes() == b'{"new":1}\n'
+    assert _mode(target) == 0o600  # whatever the umask cleared
+    assert seen == _os_fingerprint(os.stat(target))  # the file renamed into place
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+    mod.replace_file(str(target), str(tmp), b"")  # the same tmp name, tick after tick
+    assert target.read_bytes() == b""
+
+
+def test_replace_file_takes_over_a_dead_writers_tmp(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    target, tmp = tmp_path / "state.json", tmp_path / ".state.json.7.0.tmp"
+    tmp.write_bytes(b"left by a process that died before its rename")
+    mod.replace_file(str(target), str(tmp), b"fresh")
+    assert target.read_bytes() == b"fresh"
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_replace_file_failing_rename_leaves_no_tmp_and_names_the_path(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    target = tmp_path / "state.json"
+    target.mkdir()
+    (target / "keep").write_bytes(b"k")
+    with pytest.raises(OSError) as info:
+        mod.replace_file(str(target), str(tmp_path / ".t.tmp"), b"data")
+    assert info.value.filename == str(target)
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_replace_file_write_failing_midway_keeps_the_old_file(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    target = tmp_path / "state.json"
+    target.write_bytes(b"old")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+        with pytest.raises(OSError) as info:
+            mod.replace_file(str(target), str(tmp_path / ".t.tmp"), b"y" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(target)
+    assert os.listdir(tmp_path) == ["state.json"]
+    assert target.read_bytes() == b"old"
+
+
+def test_replace_file_missing_dir_names_the_path(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    target = str(tmp_path / "gone" / "state.json")
+    with pytest.raises(FileNotFoundError) as info:
+        mod.replace_file(target, str(tmp_path / "gone" / ".t.tmp"), b"x")
+    assert info.value.filename == target

@@ -470,3 +470,77 @@ def test_both_twins_raise_one_journal_error_class():
     import heidi._fast._chain_py as py
     c = pytest.importorskip("heidi._fast._chain_c")
     assert py.JournalError is c.JournalError is heidi.JournalError
+
+
+# -- emit_line: the writer's per-event path, the same in both twins --------------------------
+
+def _redact_marked(text: str) -> str:
+    return text.replace("sk-secret", "[REDACTED]")
+
+
+EMIT_CASES = {
+    "plain": dict(message="Starting teacher generation"),
+    "usage and counters": dict(message="train succeeded", level="success",
+                               counters_delta={"lines": 3, "bad": 0},
+                               usage_delta={"wall_ms": 12.5, "peak_rss_bytes": 1 << 40,
+                                            "cpu_pct": -0.0}),
+    "non-str keys": dict(usage_delta={1: 2.0}, counters_delta={("a",): 1}),
+    "secret everywhere": dict(message="key sk-secret", error="bad sk-secret",
+                              artifact_paths=["/out/sk-secret/model.bin"]),
+    "long text": dict(message="m" * 600, error="e" * 300,
+                      artifact_paths=["/" + "p" * 150, "/short", 42]),
+    "not ascii": dict(message="d\u00e9j\u00e0 vu \udcff", error=ValueError("caf\u00e9 \udc80"),
+                      artifact_paths=["/data/\udcffname"]),
+    "subclass of dict": dict(usage_delta=type("D", (dict,), {})(wall_s=1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EMIT_CASES))
+def test_emit_line_twins_agree_and_line_is_its_event(case):
+    py = importlib.import_module("heidi._fast._chain_py")
+    try:
+        c = importlib.import_module("heidi._fast._chain_c")
+    except ImportError:
+        pytest.skip("compiled chain twin not built")
+    kw = {"message": "", "level": "info", "counters_delta": None, "usage_delta": None,
+          "artifact_paths": None, "error": None, **EMIT_CASES[case]}
+
+    def call(mod):
+        return mod.emit_line(TS, RUN, 2, "train", kw["level"], "script_success", kw["message"],
+                             kw["counters_delta"], kw["usage_delta"], kw["artifact_paths"],
+                             kw["error"], VECTOR_HASH_1, _redact_marked)
+    (e_py, line_py, hash_py), (e_c, line_c, hash_c) = call(py), call(c)
+    assert line_c == line_py and hash_c == hash_py and e_c == e_py
+    assert list(e_c) == list(KEYS)
+    assert line_py == orjson.dumps(e_py) + b"\n"
+    assert hash_py == hashlib.sha256(line_py).hexdigest()
+    event = orjson.loads(line_py)
+    assert len(event["message"]) <= 500 and "sk-secret" not in line_py.decode()
+    assert event["error"] is None or len(event["error"]) <= 200
+    assert all(len(p) <= 100 for p in event["artifact_paths"])
+    assert py.check_line(line_py, VECTOR_HASH_1, RUN)["event_type"] == "script_success"
+
+
+@pytest.mark.parametrize("bad, exc, words", [
+    (dict(level="fatal"), ValueError, "level 'fatal': must be one of critical, error, info"),
+    (dict(usage_delta={"wall_s": float("nan")}), ValueError, "usage_delta['wall_s'] must be finite"),
+    (dict(counters_delta={"n": True}), TypeError, "counters_delta['n'] must be a number, not bool"),
+    (dict(usage_delta={"x": "1"}), TypeError, "usage_delta['x'] must be a number, not str"),
+])
+def test_emit_line_refuses_bad_fields_alike(fast_impl, bad, exc, words):
+    mod = fast_impl("chain")
+    kw = {"level": "info", "usage_delta": None, "counters_delta": None, **bad}
+    with pytest.raises(exc) as info:
+        mod.emit_line(TS, RUN, 1, "train", kw["level"], "x", "m", kw["counters_delta"],
+                      kw["usage_delta"], None, None, RUN, _redact_marked)
+    assert words in str(info.value)
+
+
+def test_journal_writer_runs_on_the_twin_under_test(twin, tmp_path):
+    """The `twin` fixture reaches the chain functions journal.py looked up lazily."""
+    from heidi import journal
+    writer = journal.JournalWriter(str(tmp_path / "events.jsonl"), RUN, batch=False, fsync=False)
+    writer.emit("pipeline_start", "x")
+    writer.close()
+    expected = importlib.import_module(f"heidi._fast._chain_{twin}").emit_line
+    assert journal._chain.emit_line is expected

@@ -10,7 +10,30 @@ from libc.errno cimport errno, EINTR
 from libc.string cimport strerror
 from posix.fcntl cimport open as c_open, O_WRONLY, O_CREAT, O_EXCL, O_RDONLY
 from posix.unistd cimport write as c_write, close as c_close, fsync as c_fsync, getpid, unlink
-from posix.stat cimport fchmod
+from posix.stat cimport fchmod, struct_stat
+
+cdef extern from "<sys/stat.h>" nogil:
+    int c_stat "stat"(const char *path, struct_stat *buf)
+    int c_fstat "fstat"(int fd, struct_stat *buf)
+
+cdef extern from *:
+    """
+    /* st_mtim (POSIX.1-2008) as integer nanoseconds, what os.stat's st_mtime_ns holds */
+    #define HEIDI_MTIME_NS(st) ((long long)(st).st_mtim.tv_sec * 1000000000LL + (st).st_mtim.tv_nsec)
+    """
+    long long HEIDI_MTIME_NS(struct_stat st) nogil
+
+from libc.errno cimport ENOENT, EEXIST
+
+cdef extern from "Python.h":
+    bytes PyUnicode_EncodeFSDefault(object unicode)
+
+
+cdef inline bytes _fsencode(path):
+    # os.fsencode without its Python frame, for a str (a path asked for every tick)
+    if type(path) is str:
+        return PyUnicode_EncodeFSDefault(path)
+    return os.fsencode(path)
 
 cdef extern from "<fcntl.h>":
     int O_CLOEXEC
@@ -19,7 +42,7 @@ cdef extern from "<fcntl.h>":
 cdef extern from "<stdio.h>":
     int c_rename "rename"(const char *old, const char *new) nogil
 
-__all__ = ["atomic_write", "write_all", "fsync_dir"]
+__all__ = ["atomic_write", "write_all", "fsync_dir", "replace_file", "fingerprint", "fd_fingerprint"]
 HIDDEN_IMPORTS = ("os",)
 
 cdef unsigned long long _counter = 0
@@ -113,3 +136,74 @@ def atomic_write(path, data, int mode=0o600, bint fsync=True):
         raise OSError(err, strerror(err).decode(), os.fsdecode(bpath))
     if fsync:
         fsync_dir(os.fsdecode(dirname))
+
+
+cdef inline tuple _fp(struct_stat *st):
+    return (st.st_ino, st.st_dev, st.st_size, HEIDI_MTIME_NS(st[0]))
+
+
+def fingerprint(path):
+    """(inode, device, size, mtime in ns) of path, None when it is missing: os.stat's fields
+    without building a stat_result (asked twice a tick)."""
+    cdef bytes bpath = _fsencode(path)
+    cdef const char *cpath = bpath
+    cdef struct_stat st
+    cdef int rc
+    with nogil:
+        rc = c_stat(cpath, &st)
+    if rc < 0:
+        if errno == ENOENT:
+            return None
+        _raise(bpath)
+    return _fp(&st)
+
+
+def fd_fingerprint(int fd):
+    """(inode, device, size, mtime in ns) of the file open as fd."""
+    cdef struct_stat st
+    if c_fstat(fd, &st) < 0:
+        _raise()
+    return _fp(&st)
+
+
+def replace_file(path, tmp, data):
+    """Replace path with data (mode 0600) by writing tmp (a name in its directory that only the
+    caller uses; one left by a dead process is removed) and renaming it: not synced. Returns
+    the fingerprint of the file renamed into place (its fstat: a rename leaves its mtime)."""
+    cdef bytes bpath = _fsencode(path)
+    cdef bytes btmp = _fsencode(tmp)
+    if data is None:
+        raise TypeError("a bytes-like object is required, not 'NoneType'")
+    cdef const unsigned char[:] view = data
+    cdef const char *ctmp = btmp
+    cdef const char *cpath = bpath
+    cdef const char *buf = <const char *>&view[0] if view.shape[0] else NULL
+    cdef Py_ssize_t size = view.shape[0]
+    cdef struct_stat st
+    cdef int fd, rc = 0, err = 0
+    with nogil:
+        fd = c_open(ctmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        if fd < 0 and errno == EEXIST:
+            unlink(ctmp)  # left by a process that had this pid and died before its rename
+            fd = c_open(ctmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+    if fd < 0:
+        _raise(bpath)
+    with nogil:
+        if size:
+            rc = _write_all(fd, buf, size)
+        if rc == 0:
+            rc = c_fstat(fd, &st)
+        if rc == 0 and st.st_mode & 0o7777 != 0o600:
+            rc = fchmod(fd, 0o600)  # the umask cleared bits we asked for
+        if rc < 0:
+            err = errno
+        c_close(fd)
+        if rc == 0:
+            rc = c_rename(ctmp, cpath)
+            if rc < 0:
+                err = errno
+        if rc < 0:
+            unlink(ctmp)
+    if rc < 0:
+        raise OSError(err, strerror(err).decode(), os.fsdecode(bpath))
+    return _fp(&st)

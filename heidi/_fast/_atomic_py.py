@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import os
 
-__all__ = ["atomic_write", "write_all", "fsync_dir"]
+__all__ = ["atomic_write", "write_all", "fsync_dir", "replace_file", "fingerprint", "fd_fingerprint"]
 
 _counter = itertools.count()
 
@@ -59,3 +59,51 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) 
         raise
     if fsync:
         fsync_dir(dirname)
+
+
+def fingerprint(path: str) -> tuple[int, int, int, int] | None:
+    """(inode, device, size, mtime in ns) of path, None when it is missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def fd_fingerprint(fd: int) -> tuple[int, int, int, int]:
+    """(inode, device, size, mtime in ns) of the file open as fd."""
+    st = os.fstat(fd)
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def replace_file(path: str, tmp: str, data: bytes) -> tuple[int, int, int, int]:
+    """Replace path with data (mode 0600) by writing tmp (a name in its directory that only the
+    caller uses; one left by a dead process is removed) and renaming it: not synced. Returns
+    the fingerprint of the file renamed into place (its fstat: a rename leaves its mtime)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, 0o600)
+    except FileExistsError:
+        os.unlink(tmp)  # left by a process that had this pid and died before its rename
+        fd = os.open(tmp, flags, 0o600)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+    try:
+        try:
+            write_all(fd, data)
+            st = os.fstat(fd)
+            if st.st_mode & 0o7777 != 0o600:
+                os.fchmod(fd, 0o600)  # the umask cleared bits we asked for
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException as exc:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # name the file being replaced, as the compiled twin does (a full disk is a wait)
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
+        raise
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns

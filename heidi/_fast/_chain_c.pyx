@@ -13,8 +13,8 @@ import orjson
 from heidi._fast._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS,
                                       MAX_ERROR_CHARS, MAX_LINE_BYTES, MAX_MESSAGE_CHARS,
                                       MAX_NAME_CHARS, MAX_RUN_ID_CHARS, READ_CHUNK_BYTES,
-                                      JournalError, encode_event, event_line, nan_literal,
-                                      new_event)
+                                      JournalError, artifact_list, clean_str, encode_event,
+                                      event_line, nan_literal, new_event, numbers, truncate)
 
 from libc.string cimport memchr, memcpy
 
@@ -29,10 +29,15 @@ cdef extern from "_jscan.h":
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE, PyBytes_FromStringAndSize
 from cpython.dict cimport PyDict_Next, PyDict_Size
 from cpython.object cimport PyObject
+from cpython.unicode cimport PyUnicode_DecodeASCII
+from libc.math cimport isfinite
+
+cdef extern from "Python.h":
+    bint PyUnicode_IS_ASCII(object o)
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
-           "JournalError", "line_hash", "new_event", "event_line", "encode_event", "check_event",
+           "JournalError", "line_hash", "emit_line", "new_event", "event_line", "encode_event", "check_event",
            "parse_line", "check_line", "verify_stream"]
 SHA256_IMPL = (<bytes>HEIDI_SHA256_IMPL).decode()  # "openssl" or "portable" (bench, tests)
 HIDDEN_IMPORTS = ("hashlib", "orjson", "heidi._fast._chain_types")
@@ -127,9 +132,85 @@ cdef bint _hex64_ok(str s):
 
 
 
+cdef object _event_line = event_line
+
+
+# OpenSSL's SHA-256 called from C saves hashlib's object and hexdigest call per line; the
+# portable fallback is slower than hashlib's, so without OpenSSL the line goes to hashlib.
+cdef bint _C_SHA256 = SHA256_IMPL == "openssl"
+
+
+cdef inline str _hex_hash(bytes line):
+    cdef char out[64]
+    if not _C_SHA256:
+        return _sha256(line).hexdigest()
+    heidi_sha256_hex(<const unsigned char *>PyBytes_AS_STRING(line), <size_t>PyBytes_GET_SIZE(line),
+                     out)
+    return PyUnicode_DecodeASCII(out, 64, NULL)
+
+
 def line_hash(bytes line):
     """Lowercase hex SHA-256 of a whole journal line, its newline included."""
-    return _sha256(line).hexdigest()
+    return _hex_hash(line)
+
+
+cdef object _clean_str = clean_str
+cdef object _truncate = truncate
+cdef object _numbers_checked = numbers
+cdef object _artifact_list = artifact_list
+cdef str _BAD_LEVEL_TAIL = ", ".join(sorted(LEVELS))
+
+
+cdef dict _numbers(str name, object delta):
+    """numbers() of _chain_types for a dict of str keys and finite numbers, without a Python
+    frame; anything else goes to numbers() itself (which also says what is wrong)."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject *key
+    cdef PyObject *value
+    cdef dict out
+    if not delta:
+        return {}
+    if type(delta) is not dict:
+        return _numbers_checked(name, delta)
+    out = {}
+    while PyDict_Next(delta, &pos, &key, &value):
+        if type(<object>key) is not str:
+            return _numbers_checked(name, delta)
+        if type(<object>value) is float:
+            if not isfinite(<double><object>value):
+                return _numbers_checked(name, delta)
+        elif type(<object>value) is not int:
+            return _numbers_checked(name, delta)
+        out[<object>key] = <object>value
+    return out
+
+
+def emit_line(ts, run_id, round_, stage, level, event_type, message, counters_delta,
+              usage_delta, artifact_paths, error, prev_hash, redact):
+    """A new event as JournalWriter.emit writes it: (the event, its line, the line's hash).
+
+    What the pure twin does, the common case (ASCII text, no error, no paths, deltas of str
+    keys) without a Python frame; the dict has new_event's keys in KEYS order (test_twins
+    compares the two), the line is event_line's."""
+    if level not in _LEVELS:
+        raise ValueError(f"level {level!r}: must be one of {_BAD_LEVEL_TAIL}")
+    if not (type(message) is str and PyUnicode_IS_ASCII(message)):
+        message = _clean_str(message)
+    message = redact(message)
+    if len(message) > _MAX_MESSAGE:
+        message = _truncate(message, _MAX_MESSAGE)
+    if error is not None:
+        error = _truncate(redact(_clean_str(str(error))), _MAX_ERROR)
+    cdef dict event = {
+        "event_version": _EVENT_VERSION, "ts": ts, "run_id": run_id, "round": round_,
+        "stage": stage, "level": level, "event_type": event_type, "message": message,
+        "counters_delta": _numbers("counters_delta", counters_delta),
+        "usage_delta": _numbers("usage_delta", usage_delta),
+        "artifact_paths": _artifact_list(artifact_paths, redact) if artifact_paths else [],
+        "error": error, "prev_hash": prev_hash,
+    }
+    cdef bytes line = _event_line(event)
+    return event, line, _hex_hash(line)
 
 
 cdef inline bint _is_number(object value):

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import orjson
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
-           "JournalError", "line_hash", "new_event", "event_line", "encode_event", "check_event",
+           "JournalError", "line_hash", "emit_line", "new_event", "event_line", "encode_event", "check_event",
            "parse_line", "check_line", "verify_stream"]
 
 # Limits and the line encoder are _chain_types', shared with the compiled twin.
 from ._chain_types import (EVENT_VERSION, KEYS, LEVELS, MAX_ARTIFACT_CHARS, MAX_ERROR_CHARS,
                            MAX_LINE_BYTES, MAX_MESSAGE_CHARS, MAX_NAME_CHARS, MAX_RUN_ID_CHARS,
-                           READ_CHUNK_BYTES, JournalError, encode_event, event_line, nan_literal,
+                           READ_CHUNK_BYTES, JournalError, artifact_list, clean_str, encode_event,
+                           event_line, nan_literal, numbers, truncate,
                            new_event)
 
 _TS_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z\Z")
@@ -30,6 +31,31 @@ _NAME_RE = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME_CHARS}}}\Z")
 def line_hash(line: bytes) -> str:
     """Lowercase hex SHA-256 of a whole journal line, its newline included."""
     return hashlib.sha256(line).hexdigest()
+
+
+def emit_line(ts: str, run_id: str, round_: int, stage: str, level: str, event_type: str,
+              message: str, counters_delta: Mapping[str, Any] | None,
+              usage_delta: Mapping[str, Any] | None, artifact_paths: Iterable[Any] | None,
+              error: Any, prev_hash: str,
+              redact: Callable[[str], str]) -> tuple[dict[str, Any], bytes, str]:
+    """A new event as JournalWriter.emit writes it: (the event, its line, the line's hash).
+
+    message, error and artifact paths are made valid UTF-8, redacted and cut to the schema's
+    limits; the deltas are checked (finite numbers); level must be one of LEVELS."""
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: must be one of {', '.join(sorted(LEVELS))}")
+    message = redact(message if message.isascii() else clean_str(message))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = truncate(message, MAX_MESSAGE_CHARS)
+    if error is not None:
+        error = truncate(redact(clean_str(str(error))), MAX_ERROR_CHARS)
+    event = new_event(ts, run_id, round_, stage, level, event_type, message,
+                      numbers("counters_delta", counters_delta),
+                      numbers("usage_delta", usage_delta),
+                      artifact_list(artifact_paths, redact) if artifact_paths else [], error,
+                      prev_hash)
+    line = event_line(event)
+    return event, line, hashlib.sha256(line).hexdigest()
 
 
 def _is_number(value: object) -> bool:

@@ -6,14 +6,15 @@ JournalError class and write byte-identical lines (the compiled twin reads these
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Iterable, Mapping
 
 import orjson
 
 __all__ = ["KEYS", "EVENT_VERSION", "LEVELS", "MAX_LINE_BYTES", "MAX_MESSAGE_CHARS",
            "MAX_ERROR_CHARS", "MAX_ARTIFACT_CHARS", "MAX_RUN_ID_CHARS", "MAX_NAME_CHARS",
            "READ_CHUNK_BYTES", "JournalError", "nan_literal", "new_event", "event_line",
-           "encode_event"]
+           "encode_event", "clean_str", "truncate", "numbers", "artifact_list"]
 
 KEYS = ("event_version", "ts", "run_id", "round", "stage", "level", "event_type", "message",
         "counters_delta", "usage_delta", "artifact_paths", "error", "prev_hash")
@@ -58,6 +59,7 @@ def nan_literal(line: bytes) -> bool:
 
 
 _dumps = orjson.dumps
+_NEWLINE = orjson.OPT_APPEND_NEWLINE  # b"\n" appended by the encoder, not by a copy
 
 
 def new_event(ts: str, run_id: str, round_: int, stage: str, level: str, event_type: str,
@@ -78,7 +80,7 @@ def event_line(event: dict[str, Any]) -> bytes:
     The only place a line is encoded (JournalWriter.emit and encode_event both come here), so
     what is written and what verify calls canonical cannot part.
     """
-    return _dumps(event) + b"\n"
+    return _dumps(event, option=_NEWLINE)
 
 
 def encode_event(ts: str, run_id: str, round_: int, stage: str, level: str, event_type: str,
@@ -87,3 +89,47 @@ def encode_event(ts: str, run_id: str, round_: int, stage: str, level: str, even
     """The exact bytes of one journal line (compact JSON, UTF-8, trailing newline)."""
     return event_line(new_event(ts, run_id, round_, stage, level, event_type, message,
                                 counters_delta, usage_delta, artifact_paths, error, prev_hash))
+
+
+# What an event's fields become before they are written (JournalWriter.emit by way of the twins'
+# emit_line): text made valid UTF-8, redacted, cut to the schema's limits; deltas checked.
+
+def clean_str(text: str) -> str:
+    """text as valid UTF-8: lone surrogates (from undecodable file names, say) replaced."""
+    if text.isascii():
+        return text  # the common case, told without encoding a copy
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def numbers(name: str, delta: Mapping[str, Any] | None) -> dict:
+    """A counters_delta or usage_delta as written: str keys, finite int or float values."""
+    if not delta:
+        return {}
+    out = {}
+    for key, value in delta.items():
+        kind = type(value)
+        if kind is float:
+            if not math.isfinite(value):
+                raise ValueError(f"{name}[{key!r}] must be finite")
+        elif kind is not int:
+            raise TypeError(f"{name}[{key!r}] must be a number, not {kind.__name__}")
+        out[str(key)] = value
+    return out
+
+
+def artifact_list(paths: Iterable[Any], redact: Any) -> list[str]:
+    """artifact_paths as written: each redacted, a long one cut from the left (its end names it)."""
+    out = []
+    for path in paths:
+        path = redact(clean_str(str(path)))
+        out.append(path if len(path) <= MAX_ARTIFACT_CHARS
+                   else "…" + path[-(MAX_ARTIFACT_CHARS - 1):])
+    return out
