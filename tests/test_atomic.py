@@ -328,6 +328,45 @@ def test_replace_file_failing_rename_leaves_no_tmp_and_names_the_path(fast_impl,
         mod.replace_file(str(target), str(tmp_path / ".t.tmp"), b"data")
     assert info.value.filename == str(target)
     assert sorted(os.listdir(tmp_path)) == ["state.json"]
+    assert os.listdir(target) == ["keep"]  # the directory is where it was, whole
+
+
+def test_replace_file_swaps_out_a_symlink_not_its_target(fast_impl, tmp_path):
+    mod = fast_impl("atomic")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_bytes(b"not heidi's")
+    (tmp_path / "state.json").symlink_to(elsewhere)
+    mod.replace_file(str(tmp_path / "state.json"), str(tmp_path / ".t.tmp"), b"new")
+    assert not os.path.islink(tmp_path / "state.json")
+    assert (tmp_path / "state.json").read_bytes() == b"new"
+    assert elsewhere.read_bytes() == b"not heidi's"
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "state.json"]
+
+
+def test_replace_file_readers_see_old_or_new(fast_impl, tmp_path):
+    """Another process reading state.json while it is replaced tick after tick never sees it
+    torn, missing or empty."""
+    mod = fast_impl("atomic")
+    target, tmp = tmp_path / "state.json", str(tmp_path / ".t.tmp")
+    versions = [b"A" * 3000 + b"\n", b"B" * 10 + b"\n"]
+    mod.replace_file(str(target), tmp, versions[0])
+    stop = threading.Event()
+    seen = set()
+
+    def read() -> None:
+        while not stop.is_set():
+            with open(target, "rb") as fh:
+                seen.add(fh.read())
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(2000):
+            mod.replace_file(str(target), tmp, versions[i % 2])
+    finally:
+        stop.set()
+        reader.join()
+    assert seen <= set(versions) and seen
+    assert sorted(os.listdir(tmp_path)) == ["state.json"]
 
 
 def test_replace_file_write_failing_midway_keeps_the_old_file(fast_impl, tmp_path):

@@ -79,7 +79,10 @@ def fd_fingerprint(fd: int) -> tuple[int, int, int, int]:
 def replace_file(path: str, tmp: str, data: bytes) -> tuple[int, int, int, int]:
     """Replace path with data (mode 0600) by writing tmp (a name in its directory that only the
     caller uses; one left by a dead process is removed) and renaming it: not synced. Returns
-    the fingerprint of the file renamed into place (its fstat: a rename leaves its mtime)."""
+    the fingerprint of the file renamed into place (its fstat: a rename leaves its mtime).
+
+    The compiled twin swaps tmp in with renameat2(RENAME_EXCHANGE) and unlinks the old file,
+    which the standard library cannot reach: the same files for readers, less I/O on ext4."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
         fd = os.open(tmp, flags, 0o600)
