@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import HeidiError
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS = (int(signal.SIGTERM), int(signal.SIGINT), int(signal.SIGHUP))  # ints: swapped each tick
 
 
 def signal_name(signum: int) -> str:
@@ -75,12 +75,13 @@ class signals_interrupt:
         self.previous: list[tuple[int, Any]] = []
 
     def __enter__(self) -> Interrupt:
-        if threading.current_thread() is not threading.main_thread():
+        if threading.get_ident() != threading.main_thread().ident:
             return self.interrupt
         handler = self.interrupt.handle
+        previous = self.previous
         try:
             for sig in self.signals:
-                self.previous.append((sig, _signal.signal(int(sig), handler)))
+                previous.append((sig, _signal.signal(sig, handler)))
         except BaseException:
             self._restore()
             raise
@@ -93,4 +94,4 @@ class signals_interrupt:
         previous, self.previous = self.previous, []
         for sig, old in reversed(previous):
             if old is not None:  # None: a handler not installed from Python, which none can restore
-                _signal.signal(int(sig), old)
+                _signal.signal(sig, old)

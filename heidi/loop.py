@@ -273,7 +273,8 @@ def apply_event(state: dict[str, Any], event: dict[str, Any]) -> None:
     elif kind == "stage_start":
         state.update(current_stage=event["stage"], state=STATE_OF[event["stage"]],
                      stage_status="running", stage_started_at=event["ts"])
-        match = _SLURM_NAME_RE.search(event["message"])
+        match = (_SLURM_NAME_RE.search(event["message"]) if "as Slurm job" in event["message"]
+                 else None)
         if match is not None:
             state["slurm_attempts"] = state.get("slurm_attempts", 0) + 1
             state["slurm_job"] = {"name": match.group(1), "id": None, "state": None,

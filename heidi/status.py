@@ -6,12 +6,13 @@ fsynced -- after a power loss a stale, empty or missing state.json is rebuilt fr
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from ._fast import atomic as _atomic
@@ -33,13 +34,17 @@ class StatusWriter:
         self.path = os.fspath(path)
         self.fsync = fsync
         self._tmp, self._tmp_pid = "", -1
+        self._dumps: Callable[[Any], bytes] | None = None
 
     def write(self, state: dict[str, Any]) -> Fingerprint | None:
         """Replace state.json; returns its fingerprint as written (see `fingerprint`)."""
-        import orjson  # here: `heidi status` only reads
-        # compact: readers parse it (a person reads `heidi status`), and it is written every tick
-        data = orjson.dumps(state, option=orjson.OPT_APPEND_NEWLINE)
-        return replace_file(self.path, data, self._tmp_path())
+        dumps = self._dumps
+        if dumps is None:
+            import orjson  # here: `heidi status` only reads
+            # compact, with its newline: readers parse it, and it is written every tick
+            dumps = self._dumps = functools.partial(orjson.dumps,
+                                                    option=orjson.OPT_APPEND_NEWLINE)
+        return _atomic.replace_file(self.path, self._tmp_path(), dumps(state))
 
     def _tmp_path(self) -> str:
         """This writer's tmp file, named once per process: a name used again each tick costs

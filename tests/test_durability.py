@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 import time
 
 import orjson
@@ -15,9 +18,12 @@ import pytest
 import heidi
 from heidi import control
 from heidi import status as status_mod
+from heidi._fast import _atomic_py
 from heidi.config import Config
 from heidi.machine import Machine, check_state_file, mock_stage, verify_run
 from heidi.status import read_state
+
+from cli_helpers import clean_env
 
 STAGE_EVENTS = ("stage_start", "script_success", "stage_end")
 FULL_STAGES = ("generate", "validate", "train", "eval")
@@ -64,15 +70,14 @@ class PowerLoss(Exception):
 def test_one_fdatasync_per_transition_and_no_sync_of_state_json(tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     writes: list[str] = []
-    real_replace = status_mod.replace_file
 
-    def replace_file(path, data, tmp=None):
-        # state.json is replaced with plain os calls (tmp + rename): os.fsync, counted below,
-        # is the only way it could be synced
+    def replace_file(path, tmp, data):
+        # state.json replaced by the pure twin, whose syscalls are os calls: os.fsync, counted
+        # below, is the only way it could be synced (the compiled twin: the strace test below)
         writes.append(path)
-        return real_replace(path, data, tmp)
+        return _atomic_py.replace_file(path, tmp, data)
 
-    monkeypatch.setattr(status_mod, "replace_file", replace_file)
+    monkeypatch.setattr(status_mod._atomic, "replace_file", replace_file)
     with Machine(_config(out, 2), stage_runner=mock_stage) as machine:
         machine.start()
         syncs = Syncs(monkeypatch)
@@ -84,6 +89,43 @@ def test_one_fdatasync_per_transition_and_no_sync_of_state_json(tmp_path, monkey
     assert syncs.fsyncs == 0  # neither state.json nor its directory
     assert writes.count(os.path.join(out, "state.json")) == len(writes) >= ticks
     assert syncs.datasyncs[-1] == len(_journal(out))
+
+
+STRACE = shutil.which("strace")
+TICKS_UNDER_STRACE = """
+import heidi, sys
+core = heidi.Core()
+core.init(None, OUT_DIR=sys.argv[1], ROUNDS=2, HEIDI_MOCK_SUBPROCESSES=1, RUN_ID="run_strace")
+core.start()
+sys.stderr.write("=====TICKS\\n")
+for _ in range(8):
+    core.tick(1)
+sys.stderr.write("=====DONE\\n")
+"""
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+def test_the_disk_sees_one_fdatasync_and_no_fsync_per_tick(twin, tmp_path):
+    """What the kernel is asked, on the twin under test (compiled: syscalls made in C, which
+    no os.* patch sees): per tick one fdatasync, of events.jsonl; state.json put in place
+    (rename or exchange) and never fsynced; no fsync of any file or directory."""
+    out = str(tmp_path / "out")
+    proc = subprocess.run(
+        [STRACE, "-f", "-qq", "-e", "trace=fsync,fdatasync,sync_file_range,rename,renameat,renameat2",
+         "-e", "signal=none", "-y", sys.executable, "-c", TICKS_UNDER_STRACE, out],
+        capture_output=True, text=True, timeout=120, env=clean_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    calls = proc.stderr.split("=====TICKS")[1].split("=====DONE")[0].splitlines()
+    calls = [c for c in calls if "(" in c]
+    datasyncs = [c for c in calls if "fdatasync(" in c]
+    assert len(datasyncs) == 8 and all("events.jsonl>" in c for c in datasyncs), calls
+    assert not [c for c in calls if c.lstrip("[pid0-9 ]").startswith(("fsync(", "sync_file_range("))]
+    placed = [c for c in calls if "rename" in c and 'state.json"' in c]
+    assert len(placed) == 8, calls
+    # the compiled twin swaps state.json in (README "Crash safety"); the pure one renames
+    swapped = [c for c in placed if "RENAME_EXCHANGE" in c]
+    assert len(swapped) == (8 if twin == "c" else 0), placed
+    assert len(calls) == 16, calls
 
 
 def test_the_lock_file_is_not_rewritten_by_the_same_holder(tmp_path):
