@@ -353,16 +353,24 @@ class Machine(Recovery, Archive):
             self._emit("stage_end", f"Finished {stage}", stage=stage)
         elif next_state(machine_state, "failed", state["mode"], state["run_unit_tests"]) != "ERROR":
             # TRANSITIONS lets the loop go on after this failure (a failed eval): a warn, not an error
-            self._emit("stage_end", f"{stage} failed, the loop goes on: {outcome.output_tail[-300:]}",
+            self._emit("stage_end", f"{stage} failed, the loop goes on: {self._tail(outcome, 300)}",
                        stage=stage, level="warn", usage_delta=outcome.usage_delta,
                        error=outcome.error or f"{stage} failed")
         else:
-            self._emit("pipeline_error", f"{stage} failed: {outcome.output_tail[-400:]}",
+            self._emit("pipeline_error", f"{stage} failed: {self._tail(outcome, 400)}",
                        stage=stage, level="error", usage_delta=outcome.usage_delta,
                        error=outcome.error or f"{stage} failed")
         if state["stage_status"] == "done":
             self._advance_round()
         self._save()
+
+    def _tail(self, outcome: StageOutcome, chars: int) -> str:
+        """The last `chars` characters of a stage's output, redacted before they are cut: a
+        secret cut in two would no longer match its rule (a Slurm stage's reason is not
+        redacted yet; a local stage's output already is, and redacting it again changes
+        nothing)."""
+        assert self.journal is not None
+        return self.journal.redact(outcome.output_tail)[-chars:]
 
     def _stage_warn(self, stage: str, event_type: str, message: str) -> None:
         """StageContext.warn: a warn event about the running stage, durable at once (waiting for

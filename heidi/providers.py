@@ -122,8 +122,14 @@ def check_base_url(url: str, allow_http: bool = False) -> str | None:
     return None
 
 
+# How much of a provider's body an error is made from: scrubbed as a whole, then cut to
+# MAX_ERROR_CHARS, so that no key is cut in two before it is looked for.
+SCRUB_WINDOW = 64 * 1024
+
+
 def scrub(text: str, secrets: Sequence[str]) -> str:
-    """One line, the key values cut out, then the usual redaction, cut to MAX_ERROR_CHARS."""
+    """One line, the key values cut out, then the usual redaction, cut to MAX_ERROR_CHARS
+    (last: a text cut before the key is looked for could keep the key's first characters)."""
     from ._fast.redact import redact
     for secret in secrets:
         if secret:
@@ -283,8 +289,10 @@ class _HTTPProvider:
             return self._parse(orjson.loads(raw))
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as exc:
             # A cut-off or garbled body (a proxy hiccup) may well come out right next time.
+            # scrubbed whole (within SCRUB_WINDOW), then cut: a key that straddled a cut
+            # would leave its first characters in the error
             raise ProviderError(self._clean(f"{self.name}: malformed response ({type(exc).__name__}): "
-                                            f"{raw[:120].decode('utf-8', 'replace')}"),
+                                            f"{raw[:SCRUB_WINDOW].decode('utf-8', 'replace')}"),
                                 status=status, retryable=True) from None
 
     def _clean(self, text: str) -> str:
@@ -310,7 +318,8 @@ def _error_detail(raw: bytes) -> str:
             return data["message"]
     except (orjson.JSONDecodeError, AttributeError):
         pass
-    return raw[:200].decode("utf-8", "replace") or "(empty body)"
+    # the whole body (within SCRUB_WINDOW): scrub() removes the key before it cuts the error
+    return raw[:SCRUB_WINDOW].decode("utf-8", "replace") or "(empty body)"
 
 
 def _int(value: Any) -> int:

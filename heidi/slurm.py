@@ -101,7 +101,9 @@ def _client(argv: list[str], stdin: str | None = None,
 
 def _first_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0][:200] if lines else "no message"
+    # cut far beyond an error's length only: the journal redacts a reason before it cuts it
+    # to 200 characters (a secret cut in two would no longer match its rule)
+    return lines[0][:4096] if lines else "no message"
 
 
 def write_env_file(path: str, env: dict[str, str]) -> None:

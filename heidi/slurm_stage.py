@@ -163,7 +163,8 @@ class SlurmDriver:
         except (slurm.SlurmError, ValueError, KeyError, OSError) as exc:
             slurm.remove_spool(cfg.out_dir, name)
             why = f"{stage} could not be submitted to Slurm: {exc}"
-            self.m._record_outcome(stage, StageOutcome(ok=False, error=why[:200], output_tail=why))
+            # uncut: the journal redacts the error, then cuts it (a cut secret would not match)
+            self.m._record_outcome(stage, StageOutcome(ok=False, error=why, output_tail=why))
             return True
         self.m._emit("slurm_submitted", f"Submitted {stage} as Slurm job {job_id} ({name})",
                      stage=stage)

@@ -2,7 +2,8 @@
 OpenAI chat completions (/v1/chat/completions) and Anthropic Messages (/v1/messages).
 
 Each request is keyed by its last user message; `plan[key]` lists what successive attempts get:
-"ok", ("status", code, headers), ("slow", seconds), "malformed". Requests are counted per key.
+"ok", ("status", code, headers), ("slow", seconds), "malformed", ("raw", code, body) (body: bytes,
+or a function of the key the client sent). Requests are counted per key.
 Run standalone (`python tests/fake_llm.py --latency-ms 50`) it prints its port and serves until
 stdin closes or it is killed.
 """
@@ -58,6 +59,10 @@ class FakeLLM:
             _, code, headers = step
             return web.json_response({"error": {"message": f"planned {code} for {prompt[:40]}"}},
                                      status=code, headers=headers)
+        if isinstance(step, tuple) and step[0] == "raw":
+            _, code, raw = step  # raw: bytes, or a callable of the key the client sent
+            data = raw(given) if callable(raw) else raw
+            return web.Response(body=data, status=code, content_type="application/json")
         if step == "malformed":
             return web.Response(body=b'{"choices": [{"message": ', content_type="application/json")
         text = f"answer to {prompt}"

@@ -267,6 +267,26 @@ def test_failing_stage_is_fail_closed(tmp_path, stage):
     check_run(cfg)
 
 
+@pytest.mark.parametrize("stage, keep", [("generate", 400), ("eval", 300)])
+def test_a_secret_where_a_failing_stage_tail_is_cut_leaves_no_part(tmp_path, stage, keep):
+    """The tail of a failed stage's output is redacted before it is cut to the message's
+    length (a Slurm stage's reason reaches the machine unredacted): a secret the cut went
+    through leaves none of its characters."""
+    cfg = make_config(tmp_path, ROUNDS=1)
+    secret = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
+    tail = "early output " + secret + "y" * (keep - 12)  # the cut falls inside the secret
+    with Machine(cfg, stage_runner=fail_on(stage, tail=tail)) as m:
+        m.start()
+        while m.tick():
+            pass
+    written = open(cfg.journal_path, encoding="utf-8").read()
+    assert "[GITHUB_TOKEN]" in written
+    for n in range(8, len(secret) + 1):
+        for start in range(0, len(secret) - n + 1, 4):
+            assert secret[start:start + n] not in written, secret[start:start + n]
+    check_run(cfg)
+
+
 def test_failing_stage_error_defaults_when_runner_gives_none(tmp_path):
     cfg = make_config(tmp_path, ROUNDS=1)
 

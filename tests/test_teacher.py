@@ -137,6 +137,20 @@ def test_wrong_key_echoed_by_the_server_is_kept_out_of_the_error(server):
     assert KEY not in repr(openai(srv.url))
 
 
+@pytest.mark.parametrize("status, at", [(500, 170), (401, 175), (500, 190), (200, 110), (200, 5000)])
+def test_a_key_echoed_where_the_error_is_cut_leaves_no_part_of_it(server, status, at):
+    """The body is scrubbed whole before it is cut to an error's length: a key that straddles
+    the cut (at 200 characters of an error body, 120 of a malformed answer) leaves no prefix."""
+    key = "qwerty0123456789plainvendortoken"  # no shape the redaction rules know
+    fake, srv = server()
+    fake.plan["p"] = [("raw", status, lambda sent: b"x" * at + sent.encode() + b" tail")] * 3
+    [result] = collector(openai(srv.url, key=key), max_retries=0).generate(["p"])
+    assert fake.auth_seen == [key] and result.error
+    for n in range(6, len(key) + 1):
+        assert key[:n] not in result.error, (n, result.error)
+    assert "\n" not in result.error
+
+
 # ---- budgets and rate limits -----------------------------------------------------------------
 
 def test_request_budget_stops_at_the_exact_count_retries_included(server):
