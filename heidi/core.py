@@ -83,7 +83,7 @@ def run(config: Config, mode: str | None = None,
     the running stage and raises Interrupted, leaving the run interrupted.
     """
     apply_limits(config)
-    done = _completed_run(config)
+    done = completed_run(config)
     if done is not None:
         return done
     # Taking the run for a long stay: the whole chain is checked, not only its head.
@@ -111,7 +111,7 @@ def run(config: Config, mode: str | None = None,
             machine.tick()
 
 
-def _completed_run(config: Config) -> dict[str, Any] | None:
+def completed_run(config: Config) -> dict[str, Any] | None:
     """The status of the completed run named by RUN_ID, in OUT_DIR or archived, else None."""
     if config.run_id is None:
         return None

@@ -257,6 +257,33 @@ def test_collect_mode_run_through_the_api(start_daemon, tmp_path):
     assert not os.path.exists(os.path.join(d.out, "daemon.json"))
 
 
+def test_a_daemon_given_a_completed_run_id_serves_it_and_starts_nothing(start_daemon, tmp_path):
+    """A unit restarted after its run completed (RUN_ID fixed in its environment): the daemon
+    listens and shows the completed run, journals nothing and exits 0 on SIGTERM, here and once
+    the run is archived by a later run -- as `heidi run` does; it never starts the run again."""
+    env = daemon_env(HEIDI_MODE="full", ROUNDS="1", RUN_ID="run_fixed_id")
+    d = start_daemon(env)
+    d.wait_status(lambda v: v["status"] == "completed", what="completed")
+    assert d.terminate() == 0
+    before = d.journal()
+    again = start_daemon(env)
+    view = again.wait_status(lambda v: v["status"] == "completed", what="the completed run")
+    assert view["run_id"] == "run_fixed_id"
+    time.sleep(0.5)  # a loop that would start the run again has had its chance
+    assert again.journal() == before
+    assert "run run_fixed_id already completed" in again.stderr()
+    assert again.terminate() == 0
+    # archived by another run: still nothing started under the old id
+    other = start_daemon(daemon_env(HEIDI_MODE="full", ROUNDS="1", RUN_ID="run_other"))
+    other.wait_status(lambda v: v["status"] == "completed" and v["run_id"] == "run_other",
+                      what="the other run")
+    assert other.terminate() == 0
+    third = start_daemon(env)
+    assert "already completed" in third.stderr() and "runs/run_fixed_id" in third.stderr()
+    assert third.status()["run_id"] == "run_other"
+    assert third.terminate() == 0
+
+
 def test_sigterm_ends_the_process_not_the_run(start_daemon, tmp_path):
     """SIGTERM (or SIGINT) to a daemon waiting in collect mode: it exits 0, the lock is free, the
     run is untouched (no pipeline_stop), and the next daemon takes up the same run."""

@@ -17,7 +17,7 @@ import orjson
 from .. import control
 from .._version import __version__
 from ..config import Config
-from ..core import status as core_status
+from ..core import completed_run, status as core_status
 from ..errors import HeidiError, RefusedError, one_line
 from ..interrupt import Interrupt, Interrupted
 from ..limits import apply_limits
@@ -173,9 +173,18 @@ class Daemon:
             try:
                 state = machine.state
                 if state is None or state["status"] in ("completed", "stopped"):
-                    machine.start(self.mode)
-                    if self.log_file and not os.path.exists(self.log_file):
-                        self._reopen_log()  # the old run's daemon.log went with it to runs/
+                    done = completed_run(cfg)
+                    if done is not None:
+                        # as `heidi run` does: a RUN_ID whose run completed (here or archived)
+                        # starts nothing; the daemon serves the status (a unit restarted after
+                        # the run ended must not fail, nor start the run again)
+                        where = done.get("archived") or cfg.out_dir
+                        self.log(f"heidi daemon: run {cfg.run_id} already completed ({where}); "
+                                 "starting no run (choose another RUN_ID for a new one)")
+                    else:
+                        machine.start(self.mode)
+                        if self.log_file and not os.path.exists(self.log_file):
+                            self._reopen_log()  # the old run's daemon.log went with it to runs/
                 host, port = server.server_address[:2]
                 self.url = url(str(host), int(port))
                 pid = os.getpid()
