@@ -167,6 +167,20 @@ def _start_chromium(profile: str) -> tuple[subprocess.Popen, int]:
     return proc, int(port)
 
 
+def _reap_group(pgid: int, timeout_s: float = 10.0) -> None:
+    """Wait for Chromium's helper processes: this process may be a child subreaper (heidi's
+    supervision makes it one), and then they are re-parented here when Chromium dies, to be
+    left as zombies unless waited for."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:
+            return  # none left in the group that is ours to wait for
+        if pid == 0:
+            time.sleep(0.05)  # killed, not yet gone
+
+
 async def _drive(cdp_port: int, daemon: Daemon, tmp_path, restart) -> dict:
     import aiohttp
     seen: dict = {}
@@ -243,6 +257,7 @@ def test_the_page_in_a_real_browser(daemons, tmp_path):
     finally:
         os.killpg(browser.pid, signal.SIGKILL)
         browser.wait(10)
+        _reap_group(browser.pid)
     assert seen["url"] == f"http://127.0.0.1:{d.port}/"  # the token left the address bar
     first, later = seen["elapsed"]
     assert first != later  # the elapsed time moves
