@@ -113,6 +113,33 @@ cdef _raise(bytes path=None):
     raise OSError(err, strerror(err).decode(), os.fsdecode(path))
 
 
+cdef int _finish(int fd, const char *tmp, const char *path, const char *buf, Py_ssize_t size,
+                 int mode, bint fsync, bint swap, struct_stat *st) noexcept nogil:
+    """A replacement once tmp is open as fd (atomic_write's and replace_file's): the data
+    written whole, the mode made exact (the umask may have cleared bits we asked for), synced
+    when asked, closed, tmp put in place of path -- swapped in (_swap_in) or renamed. 0, or the
+    errno of what failed, tmp removed; st: tmp's fstat."""
+    cdef int rc = 0, err = 0
+    if size:
+        rc = _write_all(fd, buf, size)
+    if rc == 0:
+        rc = c_fstat(fd, st)
+    if rc == 0 and st.st_mode & 0o7777 != mode:
+        rc = fchmod(fd, mode)
+    if rc == 0 and fsync:
+        rc = c_fsync(fd)
+    if rc < 0:
+        err = errno
+    c_close(fd)
+    if rc == 0:
+        rc = _swap_in(tmp, path) if swap else c_rename(tmp, path)
+        if rc < 0:
+            err = errno
+    if rc < 0:
+        unlink(tmp)
+    return err
+
+
 def write_all(int fd, const unsigned char[:] data not None):
     """Write every byte of data to fd (write(2) may write less than asked)."""
     cdef int rc
@@ -155,27 +182,15 @@ def atomic_write(path, data, int mode=0o600, bint fsync=True):
     cdef const char *cpath = bpath
     cdef const char *buf = <const char *>&view[0] if view.shape[0] else NULL
     cdef Py_ssize_t size = view.shape[0]
-    cdef int fd, rc = 0, err = 0
+    cdef struct_stat st
+    cdef int fd, err
     with nogil:
         fd = c_open(ctmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode)
     if fd < 0:
         _raise(btmp)
     with nogil:
-        rc = fchmod(fd, mode)  # the umask may have cleared bits we asked for
-        if rc == 0 and size:
-            rc = _write_all(fd, buf, size)
-        if rc == 0 and fsync:
-            rc = c_fsync(fd)
-        if rc < 0:
-            err = errno
-        c_close(fd)
-        if rc == 0:
-            rc = c_rename(ctmp, cpath)
-            if rc < 0:
-                err = errno
-        if rc < 0:
-            unlink(ctmp)
-    if rc < 0:
+        err = _finish(fd, ctmp, cpath, buf, size, mode, fsync, False, &st)
+    if err:
         raise OSError(err, strerror(err).decode(), os.fsdecode(bpath))
     if fsync:
         fsync_dir(os.fsdecode(dirname))
@@ -223,7 +238,7 @@ def replace_file(path, tmp, data):
     cdef const char *buf = <const char *>&view[0] if view.shape[0] else NULL
     cdef Py_ssize_t size = view.shape[0]
     cdef struct_stat st
-    cdef int fd, rc = 0, err = 0
+    cdef int fd, err
     with nogil:
         fd = c_open(ctmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         if fd < 0 and errno == EEXIST:
@@ -232,21 +247,7 @@ def replace_file(path, tmp, data):
     if fd < 0:
         _raise(bpath)
     with nogil:
-        if size:
-            rc = _write_all(fd, buf, size)
-        if rc == 0:
-            rc = c_fstat(fd, &st)
-        if rc == 0 and st.st_mode & 0o7777 != 0o600:
-            rc = fchmod(fd, 0o600)  # the umask cleared bits we asked for
-        if rc < 0:
-            err = errno
-        c_close(fd)
-        if rc == 0:
-            rc = _swap_in(ctmp, cpath)
-            if rc < 0:
-                err = errno
-        if rc < 0:
-            unlink(ctmp)
-    if rc < 0:
+        err = _finish(fd, ctmp, cpath, buf, size, 0o600, False, True, &st)
+    if err:
         raise OSError(err, strerror(err).decode(), os.fsdecode(bpath))
     return _fp(&st)

@@ -32,16 +32,17 @@ def fsync_dir(dirname: str) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) -> None:
-    """Replace path with data atomically; the file is created with mode (default 0600)."""
-    dirname, base = os.path.split(os.fspath(path))
-    tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_counter)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+def _finish(fd: int, tmp: str, path: str, data: bytes, mode: int, fsync: bool) -> os.stat_result:
+    """A replacement once tmp is open as fd (atomic_write's and replace_file's): the data
+    written whole, the mode made exact (the umask may have cleared bits we asked for), synced
+    when asked, closed, tmp renamed to path; tmp's fstat. On an error tmp is removed and an
+    OSError names path, as the compiled twin's does."""
     try:
         try:
-            if os.fstat(fd).st_mode & 0o7777 != mode:
-                os.fchmod(fd, mode)  # the umask may have cleared bits we asked for
             write_all(fd, data)
+            st = os.fstat(fd)
+            if st.st_mode & 0o7777 != mode:
+                os.fchmod(fd, mode)
             if fsync:
                 os.fsync(fd)
         finally:
@@ -52,28 +53,37 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) 
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError) and exc.filename is None:
-            # a write or fsync that failed names no file: name the one being replaced, as the
-            # compiled twin does
+        if isinstance(exc, OSError) and exc.errno is not None:
             raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
         raise
+    return st
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600, fsync: bool = True) -> None:
+    """Replace path with data atomically; the file is created with mode (default 0600)."""
+    dirname, base = os.path.split(os.fspath(path))
+    tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_counter)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    _finish(fd, tmp, path, data, mode, fsync)
     if fsync:
         fsync_dir(dirname)
+
+
+def _fp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
 def fingerprint(path: str) -> tuple[int, int, int, int] | None:
     """(inode, device, size, mtime in ns) of path, None when it is missing."""
     try:
-        st = os.stat(path)
+        return _fp(os.stat(path))
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
 
 
 def fd_fingerprint(fd: int) -> tuple[int, int, int, int]:
     """(inode, device, size, mtime in ns) of the file open as fd."""
-    st = os.fstat(fd)
-    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+    return _fp(os.fstat(fd))
 
 
 def replace_file(path: str, tmp: str, data: bytes) -> tuple[int, int, int, int]:
@@ -91,22 +101,4 @@ def replace_file(path: str, tmp: str, data: bytes) -> tuple[int, int, int, int]:
         fd = os.open(tmp, flags, 0o600)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
-    try:
-        try:
-            write_all(fd, data)
-            st = os.fstat(fd)
-            if st.st_mode & 0o7777 != 0o600:
-                os.fchmod(fd, 0o600)  # the umask cleared bits we asked for
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        if isinstance(exc, OSError) and exc.errno is not None:
-            # name the file being replaced, as the compiled twin does (a full disk is a wait)
-            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
-        raise
-    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+    return _fp(_finish(fd, tmp, path, data, 0o600, False))
