@@ -164,10 +164,7 @@ class Machine(Recovery, Archive):
         then state.json replaced (not synced: a cache of the journal). On a full disk the
         journal is left as before (a short write cut back, the lines held) and state.json's tmp
         file removed; with disk_wait set it is tried again until it succeeds."""
-        if self.disk_wait is None:
-            self._write_out()
-        else:
-            self.disk_wait.run(self._write_out)
+        self._io(self.disk_wait, self._write_out)
 
     def _write_out(self) -> None:
         journal, state = self.journal, self.state
@@ -175,11 +172,11 @@ class Machine(Recovery, Archive):
         journal.sync()
         journal_seen = journal.fingerprint()
         state["round"] = state["current_round"]
-        # the head as state.json records it (journal.position's fields); the journal's mtime
-        # as this process left it, so that a later write of the same size is seen
-        state["journal"] = {"events": journal.count, "head": journal.prev_hash,
-                            "bytes": journal.size, "head_offset": journal.head_offset,
-                            "mtime_ns": journal_seen[3]}
+        events, hash_, size, offset = journal.position
+        # the head as state.json records it; the journal's mtime as this process left it, so
+        # that a later write of the same size is seen
+        state["journal"] = {"events": events, "head": hash_, "bytes": size,
+                            "head_offset": offset, "mtime_ns": journal_seen[3]}
         state_seen = self.status_writer.write(state)
         self._seen = (journal_seen, state_seen)
 
@@ -253,10 +250,7 @@ class Machine(Recovery, Archive):
             return False
         # Room for a transition before one begins: on a full disk a tick appends nothing (a
         # daemon waits here), and no stage is started only to fail for want of space.
-        if self.disk_wait is None:
-            check_room(self.config.out_dir)
-        else:
-            self.disk_wait.run(check_room, self.config.out_dir)
+        self._io(self.disk_wait, check_room, self.config.out_dir)
         if state["stage_status"] in ("succeeded", "done"):
             # The previous holder died after the stage's work was journaled: finish, don't redo.
             if state["stage_status"] == "succeeded":
@@ -303,8 +297,7 @@ class Machine(Recovery, Archive):
         # A full disk before the stage's process starts (its log, the train/val split) is
         # raised by the runner: waited out by a daemon (the runner is called again), an error
         # for a tick (the stage runs again at the next one).
-        outcome = (self.stage_runner(ctx, stage, round_) if self.disk_wait is None
-                   else self.disk_wait.run(self.stage_runner, ctx, stage, round_))
+        outcome = self._io(self.disk_wait, self.stage_runner, ctx, stage, round_)
         with self._waiting_for_space():
             self._record_outcome(stage, outcome)
 

@@ -73,20 +73,6 @@ def fingerprint(path: str) -> Fingerprint | None:
 _tmp_counter = itertools.count()
 
 
-def replace_file(path: str, data: bytes, tmp: str | None = None) -> Fingerprint:
-    """Replace path with data (mode 0600) by tmp file + rename, not synced; its fingerprint.
-
-    atomic_write without its syncs, for a file replaced every tick (the atomic twins'
-    replace_file): the mode is fixed only when the umask cleared bits of it, and the
-    fingerprint is the tmp file's fstat (the inode renamed into place) instead of a stat after.
-    tmp: a name in path's directory that only this caller uses (default: a new one).
-    """
-    if tmp is None:
-        dirname, base = os.path.split(path)
-        tmp = os.path.join(dirname, f".{base}.{os.getpid()}.{next(_tmp_counter)}.tmp")
-    return _atomic.replace_file(path, tmp, data)
-
-
 def read_state(path: str) -> dict[str, Any] | None:
     """The state in path, None when there is none; StateError when it is not a JSON object."""
     try:
