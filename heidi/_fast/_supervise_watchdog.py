@@ -366,6 +366,11 @@ class _Sentinel:
             info = proc_stat(pid)
             if info is not None and oldest is not None and info[4] >= oldest:
                 adopted[pid] = info[4]
+        if os.getppid() != self.heidi:
+            # heidi died while this look was taken: its orphans (and W) were re-parented in
+            # the same step, so the look may have found none. Keep the last whole one for the
+            # kill that follows.
+            return 0.0
         self.adopted = adopted
         return YOUNG_SNAPSHOT_S if young else SNAPSHOT_S
 
