@@ -237,7 +237,7 @@ def _check_sequential_after_kills(out_dir: str, rounds: int, env: dict[str, str]
 
 def test_sigkill_heidi_run_at_random_instants(tmp_path):
     rng = random.Random(20240229)
-    rounds = 250
+    rounds = 4000  # more than 40 launches get through, however fast a tick becomes
     out_dir = str(tmp_path / "out")
     lock_path = os.path.join(out_dir, "heidi.lock")
     env = heidi_env(ROUNDS=str(rounds), HEIDI_FSYNC="0")
