@@ -336,8 +336,9 @@ COMMANDS = {"start": cmd_start, "tick": cmd_tick, "run": cmd_run, "status": cmd_
 
 def main(argv: Sequence[str] | None = None) -> int:
     if getattr(sys, "frozen", False):
-        from .bootloader import die_with_bootloader
+        from .bootloader import die_with_bootloader, tidy_unpacked
         die_with_bootloader()
+        tidy_unpacked()
     args: Any = None
     try:
         args = _fast_parse(sys.argv[1:] if argv is None else list(argv))

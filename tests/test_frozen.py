@@ -1,6 +1,7 @@
 """The one-file frozen binary dies with its bootloader: SIGKILL of the process cron or systemd
 started (PyInstaller's bootloader) while a stage runs leaves, within 2 s, no heidi process and no
-stage process, and the next tick continues the same run.
+stage process, and the next tick continues the same run -- and removes the directory the killed
+bootloader had unpacked heidi into (it could not), while a running heidi's is never touched.
 
 Runs only against a built binary: HEIDI_FROZEN_BINARY=dist/heidi (`.ci/run` does so after the
 frozen build)."""
@@ -49,7 +50,10 @@ def test_sigkill_of_the_bootloader_ends_heidi_and_the_next_tick_continues(tmp_pa
     (tmp_path / "heidi.toml").write_text(
         f'[stages.generate]\ncommand = ["/bin/sh", "-c", "sleep 60; echo {marker}", "{marker}"]\n')
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    unpack_to = tmp_path / "tmp"
+    unpack_to.mkdir()
     env.update(OUT_DIR=str(tmp_path / "out"), HEIDI_CONFIG=str(tmp_path / "heidi.toml"),
+               TMPDIR=str(unpack_to),
                ROUNDS="1", MAX_CPU_PCT="100", MAX_MEM_PCT="100", HEIDI_FSYNC="0",
                HEIDI_KILL_GRACE_S="1")
     done = subprocess.run([binary, "start"], env=env, capture_output=True, text=True, timeout=60)
@@ -67,6 +71,12 @@ def test_sigkill_of_the_bootloader_ends_heidi_and_the_next_tick_continues(tmp_pa
             assert time.monotonic() < deadline and boot.poll() is None, "the stage never started"
             time.sleep(0.05)
         before = _processes(binary, marker)
+        unpacked = os.listdir(unpack_to)
+        # another heidi's start-up sweep leaves a running heidi's directory alone
+        done = subprocess.run([binary, "status"], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert os.listdir(unpack_to) == unpacked and len(unpacked) == 1
+        assert _processes(binary, marker) == before
         boot.kill()  # SIGKILL: the bootloader cannot forward anything
         boot.wait(5)
         gone_by = time.monotonic() + 2.0
@@ -81,6 +91,7 @@ def test_sigkill_of_the_bootloader_ends_heidi_and_the_next_tick_continues(tmp_pa
                 pass
     assert len(before) >= 3
     assert left == [], f"still running 2 s after the bootloader's SIGKILL: {left}"
+    assert os.listdir(unpack_to) == unpacked  # left behind: nothing could delete it
     events = [orjson.loads(line) for line in (tmp_path / "out" / "events.jsonl").read_bytes().splitlines()]
     assert events[-1]["event_type"] == "pipeline_interrupted"
     assert "SIGTERM" in events[-1]["message"] and events[-1]["stage"] == "generate"
@@ -95,3 +106,4 @@ def test_sigkill_of_the_bootloader_ends_heidi_and_the_next_tick_continues(tmp_pa
     done = subprocess.run([binary, "verify", "--out-dir", str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert os.listdir(unpack_to) == []  # swept by the tick; each one's own went with its bootloader

@@ -37,6 +37,7 @@ import os
 import select
 import signal
 import struct
+import sys
 import threading
 import time
 from collections.abc import Container, Iterable
@@ -307,9 +308,17 @@ class _Sentinel:
             if null != fd:
                 os.dup2(null, fd)
         # Inherited fds (heidi's lock file, stages' pipes, a listening socket) must not stay open
-        # here: a reader would wait for EOF and a flock would not be released.
-        os.closerange(3, self.lifeline)
-        os.closerange(self.lifeline + 1, 1 << 20)
+        # here: a reader would wait for EOF and a flock would not be released. Kept: the lifeline,
+        # and the one-file build's mark on the directory heidi runs from (heidi.bootloader), so
+        # no later heidi removes that directory while W still runs from it.
+        bootloader = sys.modules.get("heidi.bootloader")
+        keep = sorted({self.lifeline, getattr(bootloader, "alive_fd", -1)} - {-1})
+        low = 3
+        for fd in keep:
+            if fd >= low:
+                os.closerange(low, fd)
+                low = fd + 1
+        os.closerange(low, 1 << 20)
         try:
             os.setpgid(0, 0)  # away from the terminal's job control: ^C reaches heidi, not W
         except OSError:
