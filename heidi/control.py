@@ -45,6 +45,8 @@ def pending(control_dir: str) -> list[tuple[str, str]]:
 
 def stop_pending(control_dir: str) -> bool:
     """True when a stop request waits: cheap enough to call every quarter second."""
+    if not os.access(control_dir, os.F_OK):
+        return False  # as in pending(): no exception for the usual case, no control/ at all
     try:
         names = os.listdir(control_dir)
     except FileNotFoundError:
