@@ -1,6 +1,7 @@
 """The run lock: whoever advances a run holds a flock on OUT_DIR/heidi.lock for the whole tick."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -78,13 +79,17 @@ class RunLock:
         # The holder's pid, for people and for lock_holder() where /proc/locks is unreadable; the
         # flock is what counts. Written at a fixed width (no ftruncate, ~0.35 ms on ext4) and only
         # when the file does not already name this process (a long-lived holder writes it once).
+        # On a full disk a new lock file cannot take its record (ENOSPC): the lock is held all the
+        # same, and the holder is still found in /proc/locks ("held by an unknown pid" where that
+        # is unreadable), so a `heidi run` or daemon taking a new run goes on to wait for space.
         record = _pid_record(pid)
         try:
             if os.pread(fd, len(record) + 1, 0) != record:
-                os.pwrite(fd, record, 0)  # a new lock file on a full disk: ENOSPC
+                os.pwrite(fd, record, 0)
         except OSError as exc:
-            os.close(fd)
-            raise _named(exc, self.path) from None
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                os.close(fd)
+                raise _named(exc, self.path) from None
         except BaseException:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -7,6 +7,7 @@ Needs root (mount -t tmpfs); skipped with the reason otherwise. Every mount is u
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -16,6 +17,9 @@ import time
 
 import orjson
 import pytest
+
+from heidi.errors import RunLocked
+from heidi.lock import lock_holder
 
 from helpers_loop import make_config
 from test_daemon import Daemon, daemon_env, get_json, heidi, request, wait_for
@@ -102,7 +106,7 @@ def test_short_write_is_cut_back_and_written_again(twin, small_fs):
 
 
 def test_state_json_write_on_a_full_disk(twin, small_fs):
-    from heidi.status import StatusWriter, read_state
+    from heidi.status import StatusWriter
     path = os.path.join(small_fs, "state.json")
     writer = StatusWriter(path)
     writer.write({"run_id": "r", "state": "IDLE"})
@@ -110,7 +114,7 @@ def test_state_json_write_on_a_full_disk(twin, small_fs):
     with pytest.raises(OSError) as info:
         writer.write({"run_id": "r", "state": "COLLECTING", "pad": "y" * 8192})
     assert info.value.errno == errno.ENOSPC and info.value.filename == path
-    assert read_state(path) == {"run_id": "r", "state": "IDLE"}  # the old one, whole
+    assert orjson.loads(open(path, "rb").read()) == {"run_id": "r", "state": "IDLE"}  # whole
     assert tmp_files(small_fs) == []
 
 
@@ -141,9 +145,13 @@ def test_io_errors_name_their_path(twin, small_fs):
     assert os.listdir(os.path.join(small_fs, "control")) == []
 
     lock = os.path.join(small_fs, "heidi.lock")
-    with pytest.raises(OSError) as info:
-        RunLock(lock).acquire()  # a new lock file: its pid record needs a page
-    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, lock)
+    held = RunLock(lock).acquire()  # a new lock file: its pid record needs a page, the lock not
+    try:
+        assert os.path.getsize(lock) == 0 and lock_holder(lock) == os.getpid()
+        with pytest.raises(RunLocked):
+            RunLock(lock).acquire()
+    finally:
+        held.release()
 
     log_path = os.path.join(small_fs, "logs", "generate.log")
     os.unlink(os.path.join(small_fs, "filler"))
@@ -342,32 +350,63 @@ def test_sigterm_while_waiting_leaves_the_run_interrupted(small_fs, tmp_path):
     os.unlink(filler)
 
 
-def test_heidi_run_waits_out_a_full_disk(small_fs, tmp_path):
-    out = str(small_fs / "out")
-    config, env, filler = _pipeline(small_fs, tmp_path)
+@contextlib.contextmanager
+def _run_waiting_for_space(tmp_path, env: dict[str, str], out: str, *args: str):
+    """`heidi run` (in its own session), once it says it waits for space: (the process, its
+    stderr's file). Killed, with its group, on the way out if it still runs."""
     err_path = tmp_path / "run.err"
     with open(err_path, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "heidi", "run", "--out-dir", out,
-                                 "--config", config], env=env, cwd=str(tmp_path),
-                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-m", "heidi", "run", "--out-dir", out, *args],
+                                env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
         wait_for(lambda: b"disk full" in err_path.read_bytes() or proc.poll() is not None,
                  timeout=30, what="heidi run to wait for space")
         assert proc.poll() is None, err_path.read_text()
-        first = err_path.read_text().splitlines()[0]
-        assert first.startswith(f"heidi: disk full: {out}") and ENOSPC_TEXT in first
-        os.unlink(filler)
-        assert proc.wait(60) == 0, err_path.read_text()
+        yield proc, err_path
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait(10)
+
+
+def test_heidi_run_waits_out_a_full_disk(small_fs, tmp_path):
+    out = str(small_fs / "out")
+    config, env, filler = _pipeline(small_fs, tmp_path)
+    with _run_waiting_for_space(tmp_path, env, out, "--config", config) as (proc, err_path):
+        first = err_path.read_text().splitlines()[0]
+        assert first.startswith(f"heidi: disk full: {out}") and ENOSPC_TEXT in first
+        os.unlink(filler)
+        assert proc.wait(60) == 0, err_path.read_text()
     assert "space is back" in err_path.read_text()
     kinds = [e["event_type"] for e in whole_lines(os.path.join(out, "events.jsonl"))]
     assert kinds[-1] == "pipeline_complete" and kinds.count("script_success") == 4
     done = heidi(["verify", "--out-dir", out], env, str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_heidi_run_in_a_new_out_dir_on_a_full_disk_waits(small_fs, tmp_path):
+    """Full before anything of the run exists: the lock file cannot take its pid record, and that
+    is no reason to give up -- the lock is held all the same, and `heidi run` waits to journal
+    its start as it waits for any write. `heidi start` (which does not wait) names the path."""
+    out = str(small_fs / "out")
+    env = _env()
+    filler = fill(small_fs)
+    done = heidi(["start", "--out-dir", out], env, str(tmp_path))
+    assert done.returncode == 1
+    assert done.stderr == f"heidi: {os.path.join(out, 'events.jsonl')}: {ENOSPC_TEXT}\n"
+    assert os.path.getsize(os.path.join(out, "events.jsonl")) == 0
+    with _run_waiting_for_space(tmp_path, env, out) as (proc, err_path):
+        lock = os.path.join(out, "heidi.lock")
+        status = heidi(["status", "--out-dir", out], env, str(tmp_path))
+        assert status.returncode == 0 and status.stdout.startswith(f"no run in {out}")
+        assert os.path.getsize(lock) == 0  # no pid record: the holder is found in /proc/locks
+        assert lock_holder(lock) == proc.pid
+        os.unlink(filler)
+        assert proc.wait(60) == 0, err_path.read_text()
+    kinds = [e["event_type"] for e in whole_lines(os.path.join(out, "events.jsonl"))]
+    assert kinds[0] == "pipeline_start" and kinds[-1] == "pipeline_complete"
+    assert heidi(["verify", "--out-dir", out], env, str(tmp_path)).returncode == 0
 
 
 # -- DiskWait: which errors are waits ----------------------------------------------------------
