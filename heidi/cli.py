@@ -171,6 +171,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines = status_text(view, terminal_width())
         if view["waiting"]:
             lines.insert(1, f"waiting: {view['waiting']}")
+        if view.get("state_note"):
+            lines.insert(1, f"note: {view['state_note']}")
         print("\n".join(lines))
     return _exit_for(view)
 

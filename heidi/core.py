@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from .config import Config
-from .errors import RefusedError, RunLocked
+from .errors import RefusedError, RunLocked, StateError
 from .interrupt import Interrupt, signals_interrupt
 from .limits import apply_limits
 from .lock import lock_holder
@@ -115,13 +115,13 @@ def completed_run(config: Config) -> dict[str, Any] | None:
     """The status of the completed run named by RUN_ID, in OUT_DIR or archived, else None."""
     if config.run_id is None:
         return None
-    state = read_state(config.state_path)
+    state = run_state(config.state_path, config.journal_path)[0]
     if state is not None and state.get("run_id") == config.run_id:
         if state.get("status") != "completed":
             return None
         return {**status(config), "already_completed": True}
     archived = os.path.join(config.out_dir, "runs", config.run_id)
-    state = read_state(os.path.join(archived, "state.json"))
+    state = run_state(os.path.join(archived, "state.json"), os.path.join(archived, "events.jsonl"))[0]
     if state is None or state.get("run_id") != config.run_id or state.get("status") != "completed":
         return None
     view = status_view(state, config)
@@ -138,13 +138,13 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
     try:
         machine = _machine(config).open(create=False)
     except RunLocked:
-        state = read_state(config.state_path)
+        state = run_state(config.state_path, config.journal_path)[0]
         view = status_view(state, config)
         if state is None:
             raise RefusedError(f"no run in {config.out_dir}") from None
         judge_action(action, view, queued=view["pending_requests"])
         control.request(config.control_dir, action)
-        view = status_view(read_state(config.state_path), config)
+        view = status_view(run_state(config.state_path, config.journal_path)[0], config)
         view["holder_pid"] = lock_holder(config.lock_path)
         return "queued", view
     try:
@@ -156,10 +156,36 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
         machine.close()
 
 
+def run_state(state_path: str, journal_path: str
+              ) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """The run in a directory, read only: state.json as it is when whole and up to date with the
+    journal (the usual case: one read, one stat), else recovery.state_for_status -- the journal
+    replayed. Returns (state, why, note) as that does."""
+    try:
+        state = read_state(state_path)
+    except StateError:
+        pass
+    else:
+        try:
+            journal_size = os.stat(journal_path).st_size
+        except OSError:
+            journal_size = 0
+        if state is None and not journal_size:
+            return None, None, None
+        if state is not None and journal_size <= state["journal"]["bytes"]:
+            return state, None, None
+    from .recovery import state_for_status
+    return state_for_status(state_path, journal_path)
+
+
 def status(config: Config) -> dict[str, Any]:
-    """The run's state as last written, read without the lock (never torn)."""
-    view = status_view(read_state(config.state_path), config)
+    """The run's state, read without the lock (never torn): state.json, or -- when it is missing,
+    damaged or behind -- the journal replayed (`state_note` says so; nothing is written)."""
+    state, why, note = run_state(config.state_path, config.journal_path)
+    view = status_view(state, config)
     view["holder_pid"] = lock_holder(config.lock_path)
+    # behind while a process holds the run: that process is between its append and its write
+    view["state_note"] = None if why == "behind" and view["holder_pid"] is not None else note
     view["containment"] = running_containment(view["holder_pid"])
     live_view(view, config)
     view["actions"] = action_reasons(view)

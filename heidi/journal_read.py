@@ -189,7 +189,10 @@ def verify_run(config: "Config", path: str | None = None) -> tuple[int, str | No
     journal = path or config.journal_path
     head = None
     state_path = os.path.join(os.path.dirname(journal), "state.json")
-    state = read_state(state_path) if os.path.exists(state_path) else None
+    try:
+        state = read_state(state_path)
+    except StateError:
+        state = None  # the journal is checked all the same; check_state_file says what is wrong
     if state and isinstance(state.get("journal"), dict):
         head = (state["journal"].get("events", 0), state["journal"].get("head"))
     return verify_journal(journal, head)

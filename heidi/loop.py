@@ -202,6 +202,88 @@ def empty_state() -> dict[str, Any]:
 NEW_STATE_KEYS = ("usage_by_stage", "stage_started_at")
 
 
+_STATUSES = ("idle", "running", "paused", "completed", "stopped", "error")
+_STAGE_STATUSES = (None, "pending", "running", "succeeded", "done")
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _text(value: Any) -> bool:
+    return value is None or type(value) is str
+
+
+def _numbers(value: Any) -> bool:
+    return type(value) is dict and all(type(v) in (int, float) for v in value.values())
+
+
+def _in(choices: Sequence[Any]) -> Callable[[Any], bool]:
+    return lambda value: (value is None or type(value) is str) and value in choices
+
+
+def _journal_head(value: Any) -> bool:
+    return (type(value) is dict and _count(value.get("events")) and _count(value.get("bytes"))
+            and _text(value.get("head")) and type(value.get("head_offset", 0)) is int
+            and type(value.get("mtime_ns", 0)) is int)
+
+
+def _point(value: Any) -> bool:
+    return value is None or (type(value) is dict and value.get("state") in STATES
+                             and _in(_STAGE_STATUSES)(value.get("stage_status")))
+
+
+def _slurm_job(value: Any) -> bool:
+    return value is None or (type(value) is dict and type(value.get("name")) is str
+                             and _text(value.get("id")) and _text(value.get("state")))
+
+
+# What heidi does with a state read from disk, key by key: a state.json that fails one of these
+# was not written by heidi (or was damaged) and is never acted on (see state_problem).
+_STATE_SHAPE: tuple[tuple[str, bool, Callable[[Any], bool], str], ...] = (
+    # key, required, check, what it must be
+    ("run_id", True, lambda v: type(v) is str and v != "", "a run id"),
+    ("status", True, _in(_STATUSES), "one of " + ", ".join(_STATUSES)),
+    ("state", True, _in(STATES), "one of " + ", ".join(STATES)),
+    ("mode", True, _in(("full", "collect")), "full or collect"),
+    ("current_round", True, _count, "a whole number"),
+    ("rounds", True, _count, "a whole number"),
+    ("run_unit_tests", True, lambda v: type(v) is bool, "true or false"),
+    ("paused", True, lambda v: type(v) is bool, "true or false"),
+    ("stop_requested", True, lambda v: type(v) is bool, "true or false"),
+    ("pause_requested", True, lambda v: type(v) is bool, "true or false"),
+    ("current_stage", True, _in((None,) + tuple(STATE_OF)), "null or a stage"),
+    ("stage_status", True, _in(_STAGE_STATUSES), "null or a stage status"),
+    ("counters", True, _numbers, "an object of numbers"),
+    ("usage", True, _numbers, "an object of numbers"),
+    ("usage_by_stage", False, lambda v: type(v) is dict and all(type(x) is dict for x in v.values()),
+     "an object of objects"),
+    ("started_at", True, _text, "null or a time"),
+    ("stage_started_at", False, _text, "null or a time"),
+    ("updated_at", True, _text, "null or a time"),
+    ("last_error", True, _text, "null or a line"),
+    ("journal", True, _journal_head, "the journal's head (events, head, bytes)"),
+    ("continue_from", False, _point, "null or a state and stage status"),
+    ("slurm_job", False, _slurm_job, "null or a Slurm job"),
+    ("slurm_attempts", False, _count, "a whole number"),
+)
+
+
+def state_problem(state: Mapping[str, Any]) -> str | None:
+    """Why a state read from disk is not one heidi wrote -- a key missing, or of a kind heidi
+    never writes there -- else None. Deep enough that nothing heidi does with an accepted state
+    fails on it; what a key says (a state other than the journal's) is `heidi verify`'s to judge."""
+    for key, required, check, what in _STATE_SHAPE:
+        if key not in state:
+            if required:
+                return f"no {key!r}"
+            continue
+        if not check(state[key]):
+            value = repr(state[key])
+            return f"{key!r} is {value if len(value) <= 40 else value[:37] + '...'}, not {what}"
+    return None
+
+
 def usage_rule(key: str) -> str:
     """How a usage_delta key folds into the run's usage, by its name: amounts (`*_s`, `*_ms`,
     `*_bytes`) "sum" over stages, peaks (`peak_*`) keep their "max", and anything else (a

@@ -2,6 +2,7 @@
 by replaying it (the `Recovery` half of `Machine`), and `heidi verify`'s check of state.json."""
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Callable
 
@@ -150,37 +151,91 @@ class Recovery:
 
     def _replay(self, fh: Any = None, state: dict[str, Any] | None = None,
                 head: Head | None = None) -> Any:
-        """Fold the journal's whole lines after `head` (every line when None) into `state` (a
-        fresh one when None), each checked strictly; a torn last line is left for the writer.
-
-        Returns (state, head); called without a file, opens the journal and returns the state.
-        """
+        """replay() of this run's journal; called without a file, opens it and returns the state."""
         if fh is None:
             with open(self.config.journal_path, "rb") as journal:
-                return self._replay(journal)[0]
-        if state is None or head is None:
-            state, head = empty_state(), Head(0, "", 0, 0)
-        events, prev, pos, offset = head
-        expected: str | None = prev or None
-        run_id = state["run_id"]
-        fh.seek(pos)
-        for line in fh:
-            if not line.endswith(b"\n"):
-                break  # cut off by a crash: set aside by the JournalWriter
-            try:
-                event = _chain.check_line(line, expected, run_id)
-            except ValueError:
-                raise JournalChanged(events + 1, self.config.journal_path) from None
-            if run_id is None:
-                run_id = state["run_id"] = event["run_id"]
-            apply_event(state, event)
-            expected = _chain.line_hash(line)
-            events += 1
-            offset, pos = pos, pos + len(line)
-        head = Head(events, expected or "", pos, offset)
-        state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset,
-                            "mtime_ns": os.fstat(fh.fileno()).st_mtime_ns}
-        return state, head
+                return replay(journal, self.config.journal_path)[0]
+        return replay(fh, self.config.journal_path, state, head)
+
+
+def replay(fh: Any, path: str, state: dict[str, Any] | None = None,
+           head: Head | None = None) -> tuple[dict[str, Any], Head]:
+    """Fold the journal's whole lines after `head` (every line when None) into `state` (a fresh
+    one when None), each checked strictly (JournalChanged names the first that fails); a torn
+    last line is left for the writer. Returns (state, head)."""
+    if state is None or head is None:
+        state, head = empty_state(), Head(0, "", 0, 0)
+    events, prev, pos, offset = head
+    expected: str | None = prev or None
+    run_id = state["run_id"]
+    fh.seek(pos)
+    for line in fh:
+        if not line.endswith(b"\n"):
+            break  # cut off by a crash: set aside by the JournalWriter
+        try:
+            event = _chain.check_line(line, expected, run_id)
+        except ValueError:
+            raise JournalChanged(events + 1, path) from None
+        if run_id is None:
+            run_id = state["run_id"] = event["run_id"]
+        apply_event(state, event)
+        expected = _chain.line_hash(line)
+        events += 1
+        offset, pos = pos, pos + len(line)
+    head = Head(events, expected or "", pos, offset)
+    state["journal"] = {"events": events, "head": expected, "bytes": pos, "head_offset": offset,
+                        "mtime_ns": os.fstat(fh.fileno()).st_mtime_ns}
+    return state, head
+
+
+def state_for_status(state_path: str, journal_path: str
+                     ) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """The run for `heidi status` (and the API), read only: state.json when it is whole and up to
+    date with the journal, else the journal replayed -- the journal is the truth, state.json its
+    cache, which the next process that takes the run writes again.
+
+    Returns (state, why, note): why is None when state.json was used as it is, else "missing",
+    "damaged" or "behind" (journal lines it lacks: a crash, a power loss, or a holder between
+    its append and its write), and note the line that says so. Raises what a replay finds
+    (JournalChanged), or the damage when there is no journal to replay."""
+    try:
+        state, problem = read_state(state_path), None
+    except StateError as exc:
+        state, problem = None, str(exc)
+    try:
+        journal_size = os.stat(journal_path).st_size
+    except OSError:
+        journal_size = 0
+    if not journal_size:
+        if problem is not None:
+            raise StateError(problem)
+        return state, None, None
+    head = _recorded_head(state) if state is not None else None
+    behind = state is not None
+    if state is not None:
+        if head is None or journal_size <= head.size:
+            return state, None, None  # up to date (or the journal is shorter: a tick says so)
+        state = copy.deepcopy(state)
+    with open(journal_path, "rb") as fh:
+        if head is not None:
+            fd = fh.fileno()
+            if head.offset < 0:
+                head = head._replace(offset=line_before(fd, head.size))  # an older state.json
+            if not head_matches(fd, head):
+                raise JournalChanged(changed_at(journal_path, head.events, head.hash),
+                                     journal_path)
+        state, head = replay(fh, journal_path, state, head)
+    if not head.events:
+        raise StateError(problem or f"{journal_path}: holds no whole event")
+    shown = f"shown from the journal ({head.events} events)"
+    if problem is not None:
+        return state, "damaged", (f"{problem}; {shown}; the next tick, `heidi run` or daemon "
+                                  "rebuilds it")
+    if behind:
+        return state, "behind", (f"state.json is behind the journal; {shown}; the next tick, "
+                                 "`heidi run` or daemon catches it up")
+    return state, "missing", (f"no state.json; {shown}; the next tick, `heidi run` or daemon "
+                              "writes it again")
 
 
 _NOT_FOLDED = ("round", "pending_requests")  # written beside the folded state, not by apply_event

@@ -12,12 +12,14 @@ import json
 import os
 import re
 import time
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import control
 from ._fast import atomic as _atomic
 from .errors import StateError
 from .lock import lock_holder
+from .loop import state_problem
 
 if TYPE_CHECKING:
     from .config import Config
@@ -73,22 +75,40 @@ def fingerprint(path: str) -> Fingerprint | None:
 _tmp_counter = itertools.count()
 
 
+# Far above any state.json heidi writes (a few KB): a larger file is not one, and is not read.
+MAX_STATE_BYTES = 16 * 1024 * 1024
+
+
 def read_state(path: str) -> dict[str, Any] | None:
-    """The state in path, None when there is none; StateError when it is not a JSON object."""
+    """The state in path, None when there is none; StateError when it is not a state heidi
+    wrote (not a regular file, not a JSON object, or a key missing or of the wrong kind)."""
     try:
-        with open(path, "rb") as fh:
-            data = fh.read()
+        # O_NONBLOCK: a FIFO put at the path must not hang `heidi status` (or a tick)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise StateError(f"{path}: cannot read ({exc.strerror})") from None
+    st = os.fstat(fd)
+    if not S_ISREG(st.st_mode) or st.st_size > MAX_STATE_BYTES:
+        os.close(fd)
+        raise StateError(f"{path}: not a regular file" if not S_ISREG(st.st_mode) else
+                         f"{path}: {st.st_size} bytes, too large for a heidi state")
+    with open(fd, "rb") as fh:
+        try:
+            data = fh.read(MAX_STATE_BYTES + 1)
+        except OSError as exc:
+            raise StateError(f"{path}: cannot read ({exc.strerror})") from None
     try:
         # the stdlib's parser: a 1 KB file, and `heidi status` starts without importing orjson
         state = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise StateError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(state, dict):
         raise StateError(f"{path}: not a JSON object")
+    problem = state_problem(state)
+    if problem is not None:
+        raise StateError(f"{path}: not a heidi state: {problem}")
     return state
 
 

@@ -35,7 +35,11 @@ def test_missing_state_json_is_rebuilt(tmp_path):
     core.tick(max_steps=3)
     before = read_state(cfg.state_path)
     os.unlink(cfg.state_path)
-    assert status(core)["status"] == "none"  # readers see no state until a holder rebuilds it
+    # readers see the run as the journal tells it (nothing written) until a holder rebuilds it
+    seen = status(core)
+    assert (seen["run_id"], seen["round"], seen["state"]) == (before["run_id"], 1, before["state"])
+    assert seen["state_note"].startswith("no state.json; shown from the journal (")
+    assert not os.path.exists(cfg.state_path)
     view = orjson.loads(core.tick())
     assert (view["round"], view["state"]) == (2, "COLLECTING")
     evs = events(cfg)
@@ -332,3 +336,61 @@ def test_damaged_state_json_without_a_journal_is_an_error(tmp_path):
         Machine(cfg).open()
     with open(cfg.state_path, "rb") as fh:
         assert fh.read() == b"{garbage"
+
+
+# -- every state heidi writes is one it accepts when it reads it back ---------------------------
+
+@pytest.mark.parametrize("mode", ["full", "collect"])
+def test_every_state_written_passes_the_shape_check(tmp_path, monkeypatch, mode):
+    """read_state refuses a state.json of the wrong shape (a tick rebuilds it from the journal): one
+    that heidi itself wrote must never be refused, or every tick would rebuild it. Through errors,
+    continue, pause, resume, stop and train-now, every state written is checked."""
+    import json
+
+    from heidi import status as status_mod
+    from heidi.loop import StageOutcome, state_problem
+    from heidi.machine import Machine, mock_stage
+
+    written: list[dict] = []
+    real_write = status_mod.StatusWriter.write
+
+    def write(self, state):
+        written.append(json.loads(json.dumps(state)))
+        return real_write(self, state)
+
+    monkeypatch.setattr(status_mod.StatusWriter, "write", write)
+    failed: list[str] = []
+
+    def runner(ctx, stage, round_):
+        if stage == "validate" and not failed:
+            failed.append(stage)
+            return StageOutcome(ok=False, error="exited with code 7", output_tail="API outage")
+        return mock_stage(ctx, stage, round_)
+
+    cfg = make_core(tmp_path, ROUNDS=2, HEIDI_MODE=mode).config
+    with Machine(cfg, stage_runner=runner) as machine:
+        machine.start()
+        while machine.tick():
+            pass
+        assert machine.state["status"] == "error"
+        machine.act("continue")
+        machine.tick()
+        machine.act("pause")
+        machine.tick()
+        machine.act("resume")
+        machine.tick()
+        if mode == "collect":
+            while machine.tick():
+                pass
+            assert machine.state["state"] == "IDLE" and machine.state["status"] == "idle"
+            machine.act("train_now")
+            machine.tick()
+        machine.act("stop")
+        machine.act("continue")
+        while machine.tick():
+            pass
+    statuses = {s["status"] for s in written}
+    seen = {"error", "paused", "stopped", "running"} | ({"completed"} if mode == "full" else {"idle"})
+    assert seen <= statuses, statuses
+    assert [(s["status"], state_problem(s)) for s in written if state_problem(s)] == []
+    assert read_state(cfg.state_path) == written[-1]

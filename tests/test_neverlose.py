@@ -319,3 +319,27 @@ def test_heidi_run_twice_with_one_run_id(tmp_path):
     assert view["archived"].endswith(os.path.join("runs", "exp-1"))
     assert p.status()["run_id"] == "exp-2"
     p.verify()
+
+
+@pytest.mark.parametrize("where", ["out_dir", "archived"])
+def test_heidi_run_with_a_completed_run_id_whose_state_json_is_lost(tmp_path, where):
+    """state.json is a cache: lost or damaged, the journal still says the run completed, and a
+    second `heidi run` with its RUN_ID starts nothing (not a second run under the same id)."""
+    p = Pipeline(tmp_path)
+    assert p.cli("run", RUN_ID="exp-1").returncode == 0
+    run_dir = p.out
+    if where == "archived":
+        assert p.cli("run", RUN_ID="exp-2").returncode == 0
+        run_dir = p.out / "runs" / "exp-1"
+        (run_dir / "state.json").unlink()
+    else:
+        (run_dir / "state.json").write_bytes(b'{"run_id": "exp-1"}')
+    journal = (p.out / "events.jsonl").read_bytes()
+    again = p.cli("run", "--json", RUN_ID="exp-1")
+    assert again.returncode == 0, again.stderr
+    view = orjson.loads(again.stdout)
+    assert view["already_completed"] is True and view["run_id"] == "exp-1"
+    assert (p.out / "events.jsonl").read_bytes() == journal
+    runs = p.out / "runs"
+    assert (sorted(os.listdir(runs)) if runs.exists() else []) == (
+        ["exp-1"] if where == "archived" else [])

@@ -162,6 +162,129 @@ def test_verify_reports_a_state_json_that_disagrees(run, field, value):
     assert proc.returncode == 1 and report["ok"] is False and report["state"] == "disagrees"
 
 
+# -- a damaged state.json: a cache, never acted on and never a crash -----------------------------
+
+def _state_with(**changes):
+    def write(path):
+        state = orjson.loads(open(path, "rb").read())
+        for key, value in changes.items():
+            if value is _DROP:
+                del state[key]
+            else:
+                state[key] = value
+        os.unlink(path)
+        with open(path, "wb") as fh:
+            fh.write(orjson.dumps(state))
+    return write
+
+
+def _bytes(data: bytes):
+    def write(path):
+        os.unlink(path)
+        with open(path, "wb") as fh:
+            fh.write(data)
+    return write
+
+
+def _replace_by(make):
+    def write(path):
+        os.unlink(path)
+        make(path)
+    return write
+
+
+_DROP = object()
+DAMAGE = {
+    "empty object": (_bytes(b"{}"), "not a heidi state: no 'run_id'"),
+    "a list": (_bytes(b"[1]"), "not a JSON object"),
+    "cut short": (_bytes(b'{"run_id": "run_'), "not valid JSON"),
+    "not UTF-8": (_bytes(b'{"run_id": "\xff"}'), "not valid JSON"),
+    "nested deeper than the parser goes": (_bytes(b"[" * 100000), "not valid JSON"),
+    "a key missing": (_state_with(paused=_DROP), "no 'paused'"),
+    "round a string": (_state_with(current_round="2"), "'current_round' is '2', not a whole number"),
+    "negative round": (_state_with(current_round=-1), "'current_round' is -1, not a whole number"),
+    "unknown state": (_state_with(state="NOPE"), "'state' is 'NOPE', not one of IDLE"),
+    "counters not numbers": (_state_with(counters={"samples": "many"}), "'counters' is"),
+    "usage a list": (_state_with(usage=[1]), "'usage' is [1], not an object of numbers"),
+    "journal head of the wrong kind": (_state_with(journal={"events": "11", "bytes": 1, "head": None}),
+                                       "'journal' is"),
+    "a directory": (_replace_by(os.mkdir), "not a regular file"),
+    "a FIFO": (_replace_by(os.mkfifo), "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_a_damaged_state_json_is_shown_from_the_journal_and_rebuilt(run, name):
+    """Whatever is at state.json: status shows the run from the journal (exit 0, a note), verify
+    says state.json is wrong (exit 1), and the next tick keeps the damaged copy aside, rebuilds
+    state.json from the journal and goes on -- one line or none, never a traceback or a hang."""
+    damage, reason = DAMAGE[name]
+    state_path = os.path.join(run, "state.json")
+    damage(state_path)
+    journal = _journal_bytes(run)
+    proc = _cli(run, "status")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    first, note = proc.stdout.splitlines()[:2]
+    assert first.startswith("run run_") and "state EVALUATING, round 1/3" in first, proc.stdout
+    assert note.startswith(f"note: {state_path}: ") and reason in note, note
+    assert note.endswith("shown from the journal (11 events); the next tick, `heidi run` or daemon "
+                         "rebuilds it")
+    view = orjson.loads(_cli(run, "status", "--json").stdout)
+    assert (view["round"], view["state"], view["state_note"]) == (1, "EVALUATING", note[6:])
+    proc = _cli(run, "verify")
+    assert proc.returncode == 1 and proc.stderr == ""
+    assert proc.stdout.startswith("state.json disagrees with the journal: ") and reason in proc.stdout
+    assert _journal_bytes(run) == journal  # nothing read-only wrote anything
+    proc = _cli(run, "tick")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert os.path.lexists(state_path + ".corrupt-1")  # the damaged one, kept aside
+    events = [orjson.loads(line) for line in _lines(run)]
+    assert [e["event_type"] for e in events[11:13]] == ["state_recovered", "stage_start"]
+    assert _cli(run, "verify").returncode == 0
+    view = orjson.loads(_cli(run, "status", "--json").stdout)
+    assert view["state_note"] is None and view["journal"]["events"] == len(events)
+
+
+def test_a_missing_state_json_is_shown_from_the_journal(run):
+    os.unlink(os.path.join(run, "state.json"))
+    proc = _cli(run, "status")
+    assert proc.returncode == 0 and "state EVALUATING, round 1/3" in proc.stdout
+    assert proc.stdout.splitlines()[1] == ("note: no state.json; shown from the journal (11 events); "
+                                           "the next tick, `heidi run` or daemon writes it again")
+    assert not os.path.exists(os.path.join(run, "state.json"))
+
+
+def test_a_state_json_behind_is_shown_caught_up(run):
+    """After a power loss state.json may be older than the journal: status shows the journal's
+    events it lacks (read only); while a process holds the run this is only the instant between
+    its append and its write, and no note is shown."""
+    state_path = os.path.join(run, "state.json")
+    old = open(state_path, "rb").read()
+    assert _cli(run, "tick", "--steps", "2").returncode == 0
+    now = orjson.loads(_cli(run, "status", "--json").stdout)
+    with open(state_path, "wb") as fh:
+        fh.write(old)
+    view = orjson.loads(_cli(run, "status", "--json").stdout)
+    events = now["journal"]["events"]
+    assert events > 11
+    assert view["state_note"] == (f"state.json is behind the journal; shown from the journal "
+                                  f"({events} events); the next tick, `heidi run` or daemon "
+                                  "catches it up")
+    assert {k: view[k] for k in ("state", "round", "stage", "journal", "usage")} == {
+        k: now[k] for k in ("state", "round", "stage", "journal", "usage")}
+    assert open(state_path, "rb").read() == old
+
+
+def test_a_changed_journal_behind_a_missing_state_json_is_one_line(run):
+    lines = _lines(run)
+    _edit_same_size(lines)
+    _write(run, lines)
+    os.unlink(os.path.join(run, "state.json"))
+    proc = _cli(run, "status")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert CHANGED.match(proc.stderr) and proc.stderr.count("\n") == 1, proc.stderr
+
+
 # -- a process that holds the run -----------------------------------------------------------
 
 def _config(out: str) -> Config:

@@ -17,13 +17,13 @@ import orjson
 from .. import control
 from .._version import __version__
 from ..config import Config
-from ..core import completed_run, status as core_status
-from ..errors import HeidiError, RefusedError, one_line
+from ..core import completed_run, run_state, status as core_status
+from ..errors import HeidiError, RefusedError, StateError, one_line
 from ..interrupt import Interrupt, Interrupted
 from ..limits import apply_limits
 from ..loop import STATES, judge_action
 from ..machine import Machine
-from ..status import read_state, status_view
+from ..status import status_view
 from ..waiting import DiskWait, is_disk_full
 from .api import Server, make_server, url
 from .auth import Auth, check_bind
@@ -93,7 +93,10 @@ class Daemon:
         """The checks `heidi <action>` makes against a held run, then a queued request."""
         cfg = self.config
         with self._action_lock:
-            state = read_state(cfg.state_path)
+            try:
+                state = run_state(cfg.state_path, cfg.journal_path)[0]
+            except StateError as exc:  # a journal changed outside heidi: the loop stops on it too
+                return 409, {"error": one_line(exc), "action": action}
             if state is None:
                 return 409, {"error": f"no run in {cfg.out_dir}"}
             view = status_view(state, cfg)
