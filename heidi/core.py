@@ -138,13 +138,13 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
     try:
         machine = _machine(config).open(create=False)
     except RunLocked:
-        state = run_state(config.state_path, config.journal_path)[0]
+        state = held_run_state(config)
         view = status_view(state, config)
         if state is None:
             raise RefusedError(f"no run in {config.out_dir}") from None
         judge_action(action, view, queued=view["pending_requests"])
         control.request(config.control_dir, action)
-        view = status_view(run_state(config.state_path, config.journal_path)[0], config)
+        view = status_view(held_run_state(config), config)
         view["holder_pid"] = lock_holder(config.lock_path)
         return "queued", view
     try:
@@ -176,6 +176,17 @@ def run_state(state_path: str, journal_path: str
             return state, None, None
     from .recovery import state_for_status
     return state_for_status(state_path, journal_path)
+
+
+def held_run_state(config: Config) -> dict[str, Any] | None:
+    """For judging an action queued for the process holding the run: state.json as that process
+    last wrote it, or -- missing or damaged -- the journal replayed. A journal changed outside
+    heidi is not judged here: the holder stops on it at its next append."""
+    try:
+        state = read_state(config.state_path)
+    except StateError:
+        state = None
+    return state if state is not None else run_state(config.state_path, config.journal_path)[0]
 
 
 def status(config: Config) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import orjson
 from .. import control
 from .._version import __version__
 from ..config import Config
-from ..core import completed_run, run_state, status as core_status
+from ..core import completed_run, held_run_state, status as core_status
 from ..errors import HeidiError, RefusedError, StateError, one_line
 from ..interrupt import Interrupt, Interrupted
 from ..limits import apply_limits
@@ -94,8 +94,8 @@ class Daemon:
         cfg = self.config
         with self._action_lock:
             try:
-                state = run_state(cfg.state_path, cfg.journal_path)[0]
-            except StateError as exc:  # a journal changed outside heidi: the loop stops on it too
+                state = held_run_state(cfg)
+            except StateError as exc:  # no state.json, and a journal changed outside heidi
                 return 409, {"error": one_line(exc), "action": action}
             if state is None:
                 return 409, {"error": f"no run in {cfg.out_dir}"}
