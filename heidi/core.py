@@ -156,37 +156,35 @@ def control_action(config: Config, action: str) -> tuple[str, dict[str, Any]]:
         machine.close()
 
 
-def run_state(state_path: str, journal_path: str
+def run_state(state_path: str, journal_path: str, catch_up: bool = True
               ) -> tuple[dict[str, Any] | None, str | None, str | None]:
     """The run in a directory, read only: state.json as it is when whole and up to date with the
-    journal (the usual case: one read, one stat), else recovery.state_for_status -- the journal
-    replayed. Returns (state, why, note) as that does."""
+    journal (the usual case: one read, one stat), else recovery.state_from_journal -- the journal
+    replayed. catch_up=False: a whole state.json is taken as it is even when behind (an action
+    judged for the holder: a journal changed outside heidi is the holder's to stop on).
+    Returns (state, why, note) as state_from_journal does; (state, None, None) otherwise."""
     try:
-        state = read_state(state_path)
-    except StateError:
-        pass
-    else:
-        try:
-            journal_size = os.stat(journal_path).st_size
-        except OSError:
-            journal_size = 0
-        if state is None and not journal_size:
-            return None, None, None
-        if state is not None and journal_size <= state["journal"]["bytes"]:
-            return state, None, None
-    from .recovery import state_for_status
-    return state_for_status(state_path, journal_path)
+        state, problem = read_state(state_path), None
+    except StateError as exc:
+        state, problem = None, str(exc)
+    try:
+        journal_size = os.stat(journal_path).st_size
+    except OSError:
+        journal_size = 0
+    if not journal_size:
+        if problem is not None:
+            raise StateError(problem)
+        return state, None, None
+    if state is not None and (not catch_up or journal_size <= state["journal"]["bytes"]):
+        return state, None, None
+    from .recovery import state_from_journal
+    return state_from_journal(journal_path, state, problem)
 
 
 def held_run_state(config: Config) -> dict[str, Any] | None:
     """For judging an action queued for the process holding the run: state.json as that process
-    last wrote it, or -- missing or damaged -- the journal replayed. A journal changed outside
-    heidi is not judged here: the holder stops on it at its next append."""
-    try:
-        state = read_state(config.state_path)
-    except StateError:
-        state = None
-    return state if state is not None else run_state(config.state_path, config.journal_path)[0]
+    last wrote it, or -- missing or damaged -- the journal replayed."""
+    return run_state(config.state_path, config.journal_path, catch_up=False)[0]
 
 
 def status(config: Config) -> dict[str, Any]:

@@ -193,8 +193,8 @@ def verify_run(config: "Config", path: str | None = None) -> tuple[int, str | No
         state = read_state(state_path)
     except StateError:
         state = None  # the journal is checked all the same; check_state_file says what is wrong
-    if state and isinstance(state.get("journal"), dict):
-        head = (state["journal"].get("events", 0), state["journal"].get("head"))
+    if state is not None:
+        head = (state["journal"]["events"], state["journal"]["head"])
     return verify_journal(journal, head)
 
 

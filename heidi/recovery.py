@@ -58,9 +58,7 @@ class Recovery:
         """state.json, or None when missing; a damaged one is kept aside (rebuilt from the journal)."""
         cfg = self.config
         try:
-            state = read_state(cfg.state_path)
-            if state is not None and not isinstance(state.get("journal"), dict):
-                raise StateError(f"{cfg.state_path}: not a heidi state (no journal head)")
+            state = read_state(cfg.state_path)  # StateError also for a state of the wrong shape
         except StateError:
             if not journal_size:
                 raise
@@ -87,8 +85,6 @@ class Recovery:
         except FileNotFoundError:
             journal_size, journal_mtime = 0, None
         state = self._read_state_file(journal_size)
-        if state is not None and not state.get("run_id"):
-            state = None  # a state without a run is nothing to keep
         older = state is not None and journal_size > 0 and any(k not in state for k in NEW_STATE_KEYS)
         if older:
             state = None  # an older heidi's state.json (usage summed whole): rebuilt from the journal
@@ -188,33 +184,21 @@ def replay(fh: Any, path: str, state: dict[str, Any] | None = None,
     return state, head
 
 
-def state_for_status(state_path: str, journal_path: str
-                     ) -> tuple[dict[str, Any] | None, str | None, str | None]:
-    """The run for `heidi status` (and the API), read only: state.json when it is whole and up to
-    date with the journal, else the journal replayed -- the journal is the truth, state.json its
-    cache, which the next process that takes the run writes again.
+def state_from_journal(journal_path: str, state: dict[str, Any] | None, problem: str | None
+                       ) -> tuple[dict[str, Any] | None, str | None, str | None]:
+    """The second half of core.run_state, read only: the journal replayed, for a state.json that
+    is behind it (`state`, caught up from its recorded head), missing (neither) or damaged
+    (`problem`, what read_state said) -- the journal is the truth, state.json its cache, which
+    the next process that takes the run writes again.
 
-    Returns (state, why, note): why is None when state.json was used as it is, else "missing",
-    "damaged" or "behind" (journal lines it lacks: a crash, a power loss, or a holder between
-    its append and its write), and note the line that says so. Raises what a replay finds
-    (JournalChanged), or the damage when there is no journal to replay."""
-    try:
-        state, problem = read_state(state_path), None
-    except StateError as exc:
-        state, problem = None, str(exc)
-    try:
-        journal_size = os.stat(journal_path).st_size
-    except OSError:
-        journal_size = 0
-    if not journal_size:
-        if problem is not None:
-            raise StateError(problem)
-        return state, None, None
+    Returns (state, why, note): why "missing", "damaged" or "behind", and the line that says so
+    (None, None for a state with no head to catch up from). Raises what the replay finds
+    (JournalChanged)."""
     head = _recorded_head(state) if state is not None else None
     behind = state is not None
     if state is not None:
-        if head is None or journal_size <= head.size:
-            return state, None, None  # up to date (or the journal is shorter: a tick says so)
+        if head is None:
+            return state, None, None
         state = copy.deepcopy(state)
     with open(journal_path, "rb") as fh:
         if head is not None:
@@ -256,10 +240,8 @@ def check_state_file(journal_path: str) -> tuple[str, str]:
         raise StateError(f"state.json disagrees with the journal: {exc}") from None
     if state is None:
         return "absent", "no state.json (the next process that takes the run rebuilds it)"
-    recorded: dict[str, Any] = state["journal"] if isinstance(state.get("journal"), dict) else {}
-    want = recorded.get("events")
-    if type(want) is not int or want < 0:
-        raise StateError("state.json disagrees with the journal: it records no journal head")
+    recorded: dict[str, Any] = state["journal"]  # its shape checked by read_state
+    want = recorded["events"]
     replayed = empty_state()
     count = pos = offset = 0
     prev = None
