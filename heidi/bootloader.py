@@ -94,13 +94,14 @@ def sweep_unpacked(parent: str, own: str | None = None) -> list[str]:
     import shutil
     removed: list[str] = []
     uid = os.geteuid()
+    own_real = os.path.realpath(own) if own is not None else None
     try:
         entries = [e for e in os.scandir(parent) if e.name.startswith("_MEI")]
     except OSError:
         return removed
     for entry in entries:
         path = entry.path
-        if own is not None and os.path.realpath(path) == os.path.realpath(own):
+        if own_real is not None and os.path.realpath(path) == own_real:
             continue
         try:
             st = entry.stat(follow_symlinks=False)
