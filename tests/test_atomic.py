@@ -2,6 +2,7 @@
 that no tmp file is ever left behind."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -178,26 +179,35 @@ def test_fsync_flag_controls_fsync_calls_pure(tmp_path, monkeypatch):
     assert (tmp_path / "a").read_bytes() == b"2"
 
 
+@contextlib.contextmanager
+def _reading(target):
+    """A thread reading target whole, again and again, while the block runs: the set of every
+    content it read."""
+    seen: set[bytes] = set()
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            with open(target, "rb") as fh:
+                seen.add(fh.read())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        reader.join()
+
+
 def test_readers_never_see_a_torn_file(fast_impl, tmp_path):
     mod = fast_impl("atomic")
     target = tmp_path / "state.json"
     a, b = b"A" * 50_000, b"B" * 70_000
     mod.atomic_write(str(target), a, fsync=False)
-    seen, done = set(), threading.Event()
-
-    def reader():
-        while not done.is_set():
-            with open(target, "rb") as fh:
-                seen.add(fh.read())
-
-    thread = threading.Thread(target=reader)
-    thread.start()
-    try:
+    with _reading(target) as seen:
         for i in range(300):
             mod.atomic_write(str(target), b if i % 2 == 0 else a, fsync=False)
-    finally:
-        done.set()
-        thread.join()
     assert seen <= {a, b}
     assert os.listdir(tmp_path) == ["state.json"]
 
@@ -351,23 +361,24 @@ def test_replace_file_readers_see_old_or_new(fast_impl, tmp_path):
     target, tmp = tmp_path / "state.json", str(tmp_path / ".t.tmp")
     versions = [b"A" * 3000 + b"\n", b"B" * 10 + b"\n"]
     mod.replace_file(str(target), tmp, versions[0])
-    stop = threading.Event()
-    seen = set()
-
-    def read() -> None:
-        while not stop.is_set():
-            with open(target, "rb") as fh:
-                seen.add(fh.read())
-    reader = threading.Thread(target=read)
-    reader.start()
-    try:
+    with _reading(target) as seen:
         for i in range(2000):
             mod.replace_file(str(target), tmp, versions[i % 2])
-    finally:
-        stop.set()
-        reader.join()
     assert seen <= set(versions) and seen
     assert sorted(os.listdir(tmp_path)) == ["state.json"]
+
+
+def test_none_is_refused_and_the_file_kept(fast_impl, tmp_path):
+    """None is no data: refused before anything is written (the compiled twin's memoryview would
+    take it as empty, and blank the file)."""
+    mod = fast_impl("atomic")
+    target = tmp_path / "state.json"
+    target.write_bytes(b"kept\n")
+    with pytest.raises(TypeError):
+        mod.atomic_write(str(target), None, fsync=False)
+    with pytest.raises(TypeError):
+        mod.replace_file(str(target), str(tmp_path / ".t.tmp"), None)
+    assert target.read_bytes() == b"kept\n" and os.listdir(tmp_path) == ["state.json"]
 
 
 def test_replace_file_missing_dir_names_the_path(fast_impl, tmp_path):

@@ -168,6 +168,14 @@ def fsync_dir(dirname):
         _raise(bdir)
 
 
+cdef const unsigned char[:] _view(object data):
+    """data's bytes; None refused (a typed memoryview would take it as empty data and blank the
+    file)."""
+    if data is None:
+        raise TypeError("a bytes-like object is required, not 'NoneType'")
+    return data
+
+
 def atomic_write(path, data, int mode=0o600, bint fsync=True):
     """Replace path with data atomically; the file is created with mode (default 0600)."""
     global _counter
@@ -175,9 +183,7 @@ def atomic_write(path, data, int mode=0o600, bint fsync=True):
     dirname, base = os.path.split(bpath)
     cdef bytes btmp = os.path.join(dirname, b".%s.%d.%d.tmp" % (base, getpid(), _counter))
     _counter += 1
-    if data is None:  # a typed memoryview would take None as empty data and blank the file
-        raise TypeError("a bytes-like object is required, not 'NoneType'")
-    cdef const unsigned char[:] view = data
+    cdef const unsigned char[:] view = _view(data)
     cdef const char *ctmp = btmp
     cdef const char *cpath = bpath
     cdef const char *buf = <const char *>&view[0] if view.shape[0] else NULL
@@ -230,9 +236,7 @@ def replace_file(path, tmp, data):
     synced. Returns the fingerprint of the file put in place (its fstat: a rename keeps mtime)."""
     cdef bytes bpath = _fsencode(path)
     cdef bytes btmp = _fsencode(tmp)
-    if data is None:
-        raise TypeError("a bytes-like object is required, not 'NoneType'")
-    cdef const unsigned char[:] view = data
+    cdef const unsigned char[:] view = _view(data)
     cdef const char *ctmp = btmp
     cdef const char *cpath = bpath
     cdef const char *buf = <const char *>&view[0] if view.shape[0] else NULL
