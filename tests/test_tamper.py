@@ -273,6 +273,14 @@ def test_a_state_json_behind_is_shown_caught_up(run):
     assert {k: view[k] for k in ("state", "round", "stage", "journal", "usage")} == {
         k: now[k] for k in ("state", "round", "stage", "journal", "usage")}
     assert open(state_path, "rb").read() == old
+    from heidi.lock import RunLock
+    held = RunLock(os.path.join(run, "heidi.lock")).acquire()  # as a holder between its writes
+    try:
+        view = orjson.loads(_cli(run, "status", "--json").stdout)
+    finally:
+        held.release()
+    assert view["holder_pid"] == os.getpid() and view["state_note"] is None
+    assert view["journal"] == now["journal"]
 
 
 def test_a_changed_journal_behind_a_missing_state_json_is_one_line(run):
